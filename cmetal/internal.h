@@ -1,0 +1,287 @@
+/*
+ * internal.h -- what the backend-neutral core (core.c, pool.c, error.c)
+ * and the backends (host.c, metal.m) share. Not part of the ABI; never fed
+ * to cffi.
+ *
+ * The core owns every policy: reference counts, residency staging and
+ * sharding, the pool, in-flight holds, statistics, locking, fault
+ * injection. A backend is the table of primitives in cm_backend_t and
+ * nothing more, so the behaviour tests observe on the host backend is the
+ * code that runs on Metal.
+ */
+#ifndef CMETAL_INTERNAL_H
+#define CMETAL_INTERNAL_H
+
+#include "cmetal.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+
+#if defined(__GNUC__) || defined(__clang__)
+#define CM_PRINTF(fmt, args) __attribute__((format(printf, fmt, args)))
+#else
+#define CM_PRINTF(fmt, args)
+#endif
+
+/* ------------------------------------------------------------------ */
+/* Errors (error.c)                                                    */
+/* ------------------------------------------------------------------ */
+
+/* Record status and a formatted message as this thread's last error and
+ * return status, so failures read `return cm__fail(CM_ERR_..., "...")`. */
+int cm__fail(int status, const char *fmt, ...) CM_PRINTF(2, 3);
+
+/* Format a byte count for messages ("4096 bytes", "3.2 GiB"). */
+const char *cm__fmt_bytes(uint64_t n, char *buf, size_t cap);
+
+/* ------------------------------------------------------------------ */
+/* Backend primitives                                                  */
+/* ------------------------------------------------------------------ */
+
+/* A backend-native object: an id<MTLBuffer> (bridged, +1) on Metal; on
+ * the host backend the contents pointer itself. Opaque to the core. */
+typedef void *cm_native_t;
+
+typedef struct cm_backend {
+    const char *name;       /* "host" / "metal"                           */
+    int kind;               /* CM_BACKEND_*                               */
+
+    int (*available)(void);
+
+    /* Create the backend's per-device state (queue, worker thread, ...)
+     * and fill info: name, has_unified_memory, max_buffer_length,
+     * recommended_max_working_set_size, page_size, registry_id. Set
+     * info->residency_enabled = 0 with a reason when the backend cannot
+     * make residency sets (Metal before macOS 15); the core clears it too
+     * when the caller asked for no residency. */
+    int (*open)(cm_device_t *dev, void **state, cm_device_info_t *info);
+
+    /* Tear the state down. Called once, when the device's last reference
+     * dies; every storage, shard, command buffer and kernel is gone by
+     * then. May run on one of the backend's own threads (a completion
+     * dropped the last reference): the backend must then not join that
+     * thread but let it finish the teardown itself. */
+    void (*close)(void *state);
+
+    /* len bytes (already checked: 0 < len <= max_buffer_length),
+     * zero-filled, page-aligned, CPU-visible at *contents. */
+    int (*buffer_alloc)(void *state, uint64_t len, cm_native_t *native,
+                        uint8_t **contents);
+    void (*buffer_free)(void *state, cm_native_t native, uint8_t *contents,
+                        uint64_t len);
+
+    /* Make a native buffer over caller memory without copying (file
+     * mappings, external memory). ptr is page-aligned and len a whole
+     * number of pages when the core calls it for a mapping. The backend
+     * reports CM_ERR_UNSUPPORTED for memory it cannot wrap. */
+    int (*buffer_wrap)(void *state, void *ptr, uint64_t len, cm_native_t *native);
+    void (*buffer_unwrap)(void *state, cm_native_t native);
+
+    /* Adopt (retain) a native buffer given by its handle. */
+    int (*buffer_adopt)(void *state, uint64_t handle, cm_native_t *native,
+                        uint8_t **contents, uint64_t *len);
+
+    /* The integer handle users see (MTLBuffer pointer) or 0. */
+    uint64_t (*native_handle)(cm_native_t native);
+
+    /* Residency-set primitives, called with the device's lock held; never
+     * called when residency is off. rset_create makes shard `index` and
+     * attaches it to the device's queue. add/remove only stage; commit
+     * applies; request re-requests residency (keep-alive). */
+    int (*rset_create)(void *state, unsigned index, void **rset);
+    void (*rset_destroy)(void *state, void *rset);
+    void (*rset_add)(void *rset, cm_native_t native);
+    void (*rset_remove)(void *rset, cm_native_t native);
+    void (*rset_commit)(void *rset);
+    void (*rset_request)(void *rset);
+
+    /* Run cb's ops (cb->ops[0..nops)) after every command buffer submitted
+     * before it, without blocking the caller, and then call
+     * cm__cmdbuf_complete(cb, status, message) exactly once from any
+     * thread. A non-zero return means nothing was submitted and
+     * cm__cmdbuf_complete must not be called. */
+    int (*submit)(void *state, cm_cmdbuf_t *cb);
+
+    /* Compute; a backend without compute reports CM_ERR_UNSUPPORTED from
+     * library_compile, so the others are never reached. */
+    int (*library_compile)(void *state, const char *source, void **lib);
+    void (*library_release)(void *lib);
+    int (*kernel_create)(void *state, void *lib, const char *name,
+                         void **pipeline, cm_kernel_info_t *info);
+    void (*kernel_release)(void *pipeline);
+} cm_backend_t;
+
+extern const cm_backend_t cm_host_backend;
+#if defined(CM_HAVE_METAL)
+extern const cm_backend_t cm_metal_backend;
+#endif
+
+/* ------------------------------------------------------------------ */
+/* Core objects                                                        */
+/* ------------------------------------------------------------------ */
+
+typedef struct cm_shard {
+    void *rset;                       /* backend residency set            */
+    uint64_t count;                   /* storages (staged view)           */
+    uint64_t committed_count;
+    uint64_t bytes;
+    uint64_t commit_count;
+    bool pending;
+} cm_shard_t;
+
+struct cm_storage {
+    atomic_uint_fast64_t refcount;
+    cm_device_t *dev;                 /* strong reference                 */
+    cm_pool_t *pool;                  /* strong reference when pooled     */
+    int kind;                         /* CM_STORAGE_*                     */
+    int writable;
+    uint8_t *contents;                /* CPU address of byte 0            */
+    uint64_t byte_len;
+    uint64_t requested_len;
+    cm_native_t native;               /* NULL only when not GPU-visible   */
+    uint64_t native_offset;           /* byte 0 inside the native buffer  */
+    uint64_t alloc_len;               /* length passed to buffer_alloc    */
+    void *map_base;                   /* mmap base and length (mapped)    */
+    uint64_t map_len;
+    void (*ext_release)(void *ctx);   /* external owner's release         */
+    void *ext_ctx;
+    int shard;                        /* guarded by dev->lock; -1 if none */
+    atomic_uint_fast64_t inflight_writers;
+    /* pool cache links, guarded by pool->lock while cached */
+    cm_storage_t *class_prev, *class_next;
+    cm_storage_t *lru_prev, *lru_next;
+};
+
+/* Operations a command buffer carries; offsets are from byte 0 of the
+ * storage (cm_storage.contents); a backend that binds native buffers adds
+ * native_offset. */
+enum { CM_OP_COPY = 1, CM_OP_FILL = 2, CM_OP_DISPATCH = 3 };
+
+typedef struct cm_op {
+    int kind;
+    cm_storage_t *src;                /* COPY                             */
+    cm_storage_t *dst;                /* COPY, FILL                       */
+    uint64_t src_offset, dst_offset, nbytes;
+    int value;                        /* FILL                             */
+    cm_kernel_t *kernel;              /* DISPATCH (held)                  */
+    uint64_t grid[3], threadgroup[3];
+    size_t nbufs;
+    cm_storage_t **bufs;              /* malloc'd, nbufs                  */
+    uint64_t *offsets;                /* malloc'd, nbufs                  */
+    size_t nconsts;
+    uint8_t *consts;                  /* malloc'd, concatenated           */
+    uint64_t *const_sizes;            /* malloc'd, nconsts                */
+} cm_op_t;
+
+struct cm_cmdbuf {
+    atomic_uint_fast64_t refcount;    /* caller's + one while submitted   */
+    cm_device_t *dev;                 /* strong reference                 */
+    int status;                       /* CM_CB_*, guarded by dev->cb_lock */
+    char *error;                      /* backend message on CM_CB_ERROR   */
+    cm_op_t *ops;
+    size_t nops, ops_cap;
+    cm_storage_t **holds;             /* one reference each               */
+    size_t nholds, holds_cap;
+    cm_storage_t **writes;            /* subset of holds: inflight_writers */
+    size_t nwrites, writes_cap;
+    uint64_t seq;                     /* submission order                 */
+    void *backend_data;               /* free for the backend's use       */
+    /* core only: serialises encoders of one command buffer, and the open-
+     * addressing sets that keep holds and writes free of duplicates */
+    pthread_mutex_t enc_lock;
+    cm_storage_t **hold_set, **write_set;
+    size_t hold_set_cap, write_set_cap;
+};
+
+struct cm_kernel {
+    atomic_uint_fast64_t refcount;
+    cm_device_t *dev;                 /* strong reference                 */
+    void *pipeline;                   /* backend object                   */
+    cm_kernel_info_t info;
+    cm_kernel_t *cache_next;          /* library's cache list             */
+};
+
+struct cm_library {
+    atomic_uint_fast64_t refcount;
+    cm_device_t *dev;                 /* strong reference                 */
+    void *native;                     /* backend object                   */
+    pthread_mutex_t lock;             /* guards the kernel cache          */
+    cm_kernel_t *kernels;             /* one reference each               */
+};
+
+struct cm_device {
+    atomic_uint_fast64_t refcount;
+    const cm_backend_t *backend;
+    void *state;                      /* backend state                    */
+    cm_device_info_t info;            /* immutable after open             */
+
+    /* Statistics; atomics so the hot paths need no lock. */
+    atomic_uint_fast64_t active_bytes, peak_bytes, live_storages;
+    atomic_uint_fast64_t alloc_count, free_count;
+    atomic_uint_fast64_t memory_limit;
+
+    /* dev->lock guards residency, the pool list and fault injection. */
+    pthread_mutex_t lock;
+    cm_shard_t shards[CM_MAX_RESIDENCY_SHARDS];
+    unsigned nshards;
+    uint64_t shard_cap;
+    uint64_t rs_commit_count, rs_adds, rs_removes, keepalive_requests;
+    cm_pool_t *pools;                 /* live pools, weak, for trimming   */
+    uint64_t fail_nth, fail_min;      /* fault injection                  */
+
+    /* dev->cb_lock guards command-buffer states and the counters below;
+     * cb_cond is broadcast on every completion. */
+    pthread_mutex_t cb_lock;
+    pthread_cond_t cb_cond;
+    uint64_t submitted, completed;
+
+    /* Keep-alive thread, guarded by ka_lock. */
+    pthread_mutex_t ka_lock;
+    pthread_cond_t ka_cond;
+    pthread_t ka_thread;
+    bool ka_started, ka_stop;
+    double ka_seconds, ka_interval, ka_last_submit;
+
+    /* Pool caches of this device, for cm_device_stats (pool.c keeps them). */
+    atomic_uint_fast64_t cached_bytes, cached_storages;
+};
+
+/* ------------------------------------------------------------------ */
+/* Core entry points used across core files and by backends            */
+/* ------------------------------------------------------------------ */
+
+/* Backends call this exactly once per submitted command buffer, from any
+ * thread, after the ops ran (status CM_OK) or failed (status != CM_OK,
+ * message describes it). Releases the holds, then marks the buffer done
+ * and wakes waiters. */
+void cm__cmdbuf_complete(cm_cmdbuf_t *cb, int status, const char *message);
+
+void cm__device_retain(cm_device_t *dev);
+
+/* Create a storage of exactly len bytes through the backend, applying the
+ * memory limit (trimming the device's pools and retrying once), fault
+ * injection and statistics. Does not register residency. */
+int cm__storage_new(cm_device_t *dev, uint64_t len, int kind, cm_storage_t **out);
+
+/* Free a storage whose refcount reached zero and that no pool keeps:
+ * stage its residency removal, free its memory, update statistics. */
+void cm__storage_destroy(cm_storage_t *s);
+
+/* Stage the residency add / remove of a storage (dev->lock taken inside). */
+int cm__residency_add(cm_device_t *dev, cm_storage_t *s);
+void cm__residency_remove(cm_device_t *dev, cm_storage_t *s);
+
+/* pool.c: give a storage whose last reference died back to its pool.
+ * Returns true if the pool kept it, false if the caller must destroy it. */
+bool cm__pool_take_back(cm_pool_t *pool, cm_storage_t *s);
+void cm__pool_drop_ref(cm_pool_t *pool);
+/* Free the cache of every pool of dev; returns bytes freed. */
+uint64_t cm__device_trim_pools(cm_device_t *dev);
+
+double cm__now(void);                 /* monotonic seconds                */
+
+/* Physical memory of this machine in bytes (host.c; 0 if unknown). */
+uint64_t cm__physical_memory(void);
+
+#endif /* CMETAL_INTERNAL_H */

@@ -1,0 +1,395 @@
+/*
+ * interop.c -- DLPack export and import over the core's storages.
+ *
+ * Pure C: no Python here, so the deleters this file hands out can run on
+ * any thread and after the interpreter is gone (the DLPack rule for
+ * deleters). The PyCapsule side is in pycapsule.c.
+ */
+#include "interop.h"
+#include "internal.h"
+
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ------------------------------------------------------------------ */
+/* Shape arithmetic                                                    */
+/* ------------------------------------------------------------------ */
+
+/* Element offsets (relative to element 0) of the lowest and highest
+ * element the view reaches, and the element count. Fails on overflow. */
+static int view_extent(int32_t ndim, const int64_t *shape, const int64_t *strides,
+                       int64_t *lo, int64_t *hi, uint64_t *count)
+{
+    int64_t low = 0, high = 0, n = 1;
+    for (int32_t i = 0; i < ndim; i++) {
+        if (shape[i] < 0)
+            return cm__fail(CM_ERR_INVALID_ARGUMENT,
+                            "shape[%d] is %" PRId64 ": dimensions must be >= 0", i, shape[i]);
+        if (__builtin_mul_overflow(n, shape[i], &n))
+            return cm__fail(CM_ERR_INVALID_ARGUMENT,
+                            "shape overflows 64 bits at dimension %d", i);
+    }
+    if (n > 0) {
+        for (int32_t i = 0; i < ndim; i++) {
+            int64_t step;
+            if (__builtin_mul_overflow(shape[i] - 1, strides[i], &step))
+                return cm__fail(CM_ERR_INVALID_ARGUMENT,
+                                "stride %" PRId64 " of dimension %d overflows 64 bits",
+                                strides[i], i);
+            if (step >= 0 ? __builtin_add_overflow(high, step, &high)
+                          : __builtin_add_overflow(low, step, &low))
+                return cm__fail(CM_ERR_INVALID_ARGUMENT, "strides overflow 64 bits");
+        }
+    }
+    *lo = low;
+    *hi = high;
+    *count = (uint64_t)n;
+    return CM_OK;
+}
+
+static void row_major_strides(int32_t ndim, const int64_t *shape, int64_t *strides)
+{
+    int64_t step = 1;
+    for (int32_t i = ndim - 1; i >= 0; i--) {
+        strides[i] = step;
+        step *= shape[i] > 0 ? shape[i] : 1;
+    }
+}
+
+/* C-contiguous in the DLPack sense: strides absent, or equal to row-major
+ * strides wherever the dimension is longer than 1 (numpy and PyTorch give
+ * arbitrary strides to length-1 dimensions). */
+static int is_c_contiguous(int32_t ndim, const int64_t *shape, const int64_t *strides)
+{
+    if (strides == NULL)
+        return 1;
+    int64_t step = 1;
+    for (int32_t i = ndim - 1; i >= 0; i--) {
+        if (shape[i] == 0)
+            return 1;
+        if (shape[i] != 1 && strides[i] != step)
+            return 0;
+        step *= shape[i];
+    }
+    return 1;
+}
+
+static int check_dtype(DLDataType dt, const char *what)
+{
+    if (dt.bits == 0 || dt.bits % 8 != 0 || dt.lanes == 0)
+        return cm__fail(CM_ERR_UNSUPPORTED,
+                        "%s dtype (code %u, %u bits, %u lanes) is not a whole number of bytes "
+                        "per element", what, dt.code, dt.bits, dt.lanes);
+    return CM_OK;
+}
+
+/* ------------------------------------------------------------------ */
+/* Export                                                              */
+/* ------------------------------------------------------------------ */
+
+/* The tensor and its shape/strides in one allocation, so the deleter is a
+ * single free. manager_ctx is the storage. */
+static void export_deleter(DLManagedTensor *self)
+{
+    if (self == NULL)
+        return;
+    cm_storage_release((cm_storage_t *)self->manager_ctx);
+    free(self);
+}
+
+static void export_deleter_versioned(DLManagedTensorVersioned *self)
+{
+    if (self == NULL)
+        return;
+    cm_storage_release((cm_storage_t *)self->manager_ctx);
+    free(self);
+}
+
+int cm_dlpack_export(cm_storage_t *s, const cm_dlpack_view_t *view, int versioned, void **out)
+{
+    if (out == NULL)
+        return cm__fail(CM_ERR_INVALID_ARGUMENT, "cm_dlpack_export: out is NULL");
+    *out = NULL;
+    if (s == NULL || view == NULL)
+        return cm__fail(CM_ERR_INVALID_ARGUMENT, "cm_dlpack_export: storage or view is NULL");
+    if (view->ndim < 0 || view->ndim > CM_DLPACK_MAX_NDIM)
+        return cm__fail(CM_ERR_INVALID_ARGUMENT, "cannot export %d dimensions: the limit is %d",
+                        view->ndim, CM_DLPACK_MAX_NDIM);
+    if (view->ndim > 0 && view->shape == NULL)
+        return cm__fail(CM_ERR_INVALID_ARGUMENT, "cm_dlpack_export: shape is NULL");
+    int rc = check_dtype(view->dtype, "exported");
+    if (rc)
+        return rc;
+
+    cm_storage_info_t info;
+    rc = cm_storage_info(s, &info);
+    if (rc)
+        return rc;
+
+    int32_t ndim = view->ndim;
+    size_t dims = ndim > 0 ? (size_t)ndim : 1;
+    int64_t strides_buf[CM_DLPACK_MAX_NDIM];
+    const int64_t *strides = view->strides;
+    if (strides == NULL) {
+        row_major_strides(ndim, view->shape, strides_buf);
+        strides = strides_buf;
+    }
+
+    int64_t lo, hi;
+    uint64_t count;
+    rc = view_extent(ndim, view->shape, strides, &lo, &hi, &count);
+    if (rc)
+        return rc;
+    uint64_t itemsize = (uint64_t)view->dtype.bits / 8 * view->dtype.lanes;
+    if (count > 0) {
+        /* Every reachable byte inside [0, byte_len): element 0 at
+         * byte_offset, the view spanning lo..hi elements around it. */
+        unsigned __int128 first = (unsigned __int128)(-(__int128)lo) * itemsize;
+        unsigned __int128 last = (unsigned __int128)view->byte_offset
+                               + (unsigned __int128)hi * itemsize + itemsize;
+        if (first > view->byte_offset || last > info.byte_len) {
+            char cap[32];
+            return cm__fail(CM_ERR_INVALID_ARGUMENT,
+                            "view of %" PRIu64 " elements at byte %" PRIu64
+                            " reaches outside the %s storage",
+                            count, view->byte_offset,
+                            cm__fmt_bytes(info.byte_len, cap, sizeof cap));
+        }
+    } else if (view->byte_offset > info.byte_len) {
+        return cm__fail(CM_ERR_INVALID_ARGUMENT,
+                        "view offset %" PRIu64 " is beyond the %" PRIu64 "-byte storage",
+                        view->byte_offset, info.byte_len);
+    }
+
+    void *data;
+    uint64_t byte_offset;
+    if (view->device_type == kDLCPU) {
+        if (info.contents == NULL)
+            return cm__fail(CM_ERR_UNSUPPORTED, "storage has no CPU-visible contents to export as kDLCPU");
+        data = info.contents + view->byte_offset;
+        byte_offset = 0;
+    } else if (view->device_type == kDLMetal) {
+        if (info.native_handle == 0)
+            return cm__fail(CM_ERR_UNSUPPORTED,
+                            "storage has no Metal buffer to export as kDLMetal (8); "
+                            "export as kDLCPU (1) instead");
+        data = (void *)(uintptr_t)info.native_handle;
+        byte_offset = info.native_offset + view->byte_offset;
+    } else {
+        return cm__fail(CM_ERR_UNSUPPORTED,
+                        "cannot export to DLPack device type %d: supported are kDLCPU (1) and "
+                        "kDLMetal (8)", view->device_type);
+    }
+    /* DLPack: the data pointer of an empty tensor should be NULL. */
+    if (count == 0) {
+        data = NULL;
+        byte_offset = 0;
+    }
+
+    size_t head = versioned ? sizeof(DLManagedTensorVersioned) : sizeof(DLManagedTensor);
+    unsigned char *block = malloc(head + 2 * dims * sizeof(int64_t));
+    if (block == NULL)
+        return cm__fail(CM_ERR_OUT_OF_MEMORY, "cannot allocate a DLPack tensor of %d dimensions", ndim);
+    int64_t *shape_copy = (int64_t *)(block + head);
+    int64_t *strides_copy = shape_copy + dims;
+    shape_copy[0] = strides_copy[0] = 1; /* 0-d: valid pointers all the same */
+    if (ndim > 0) {
+        memcpy(shape_copy, view->shape, (size_t)ndim * sizeof(int64_t));
+        memcpy(strides_copy, strides, (size_t)ndim * sizeof(int64_t));
+    }
+
+    DLTensor *t;
+    if (versioned) {
+        DLManagedTensorVersioned *m = (DLManagedTensorVersioned *)block;
+        memset(m, 0, sizeof *m);
+        m->version.major = CM_DLPACK_MAJOR_VERSION;
+        m->version.minor = CM_DLPACK_MINOR_VERSION;
+        m->manager_ctx = s;
+        m->deleter = export_deleter_versioned;
+        m->flags = view->flags | (info.writable ? 0 : CM_DLPACK_FLAG_READ_ONLY);
+        t = &m->dl_tensor;
+    } else {
+        DLManagedTensor *m = (DLManagedTensor *)block;
+        memset(m, 0, sizeof *m);
+        m->manager_ctx = s;
+        m->deleter = export_deleter;
+        t = &m->dl_tensor;
+    }
+    t->data = data;
+    t->device.device_type = (DLDeviceType)view->device_type;
+    t->device.device_id = view->device_id;
+    t->ndim = ndim;
+    t->dtype = view->dtype;
+    t->shape = shape_copy;
+    t->strides = strides_copy;
+    t->byte_offset = byte_offset;
+
+    cm_storage_retain(s);
+    *out = block;
+    return CM_OK;
+}
+
+void cm_dlpack_delete(void *managed, int versioned)
+{
+    if (managed == NULL)
+        return;
+    if (versioned) {
+        DLManagedTensorVersioned *m = managed;
+        if (m->deleter)
+            m->deleter(m);
+    } else {
+        DLManagedTensor *m = managed;
+        if (m->deleter)
+            m->deleter(m);
+    }
+}
+
+const char *cm_dlpack_capsule_name(int versioned, int used)
+{
+    if (versioned)
+        return used ? "used_dltensor_versioned" : "dltensor_versioned";
+    return used ? "used_dltensor" : "dltensor";
+}
+
+/* ------------------------------------------------------------------ */
+/* Import                                                              */
+/* ------------------------------------------------------------------ */
+
+static DLTensor *tensor_of(void *managed, int versioned)
+{
+    return versioned ? &((DLManagedTensorVersioned *)managed)->dl_tensor
+                     : &((DLManagedTensor *)managed)->dl_tensor;
+}
+
+int cm_dlpack_describe(void *managed, int versioned, cm_dlpack_import_info_t *info)
+{
+    if (managed == NULL || info == NULL)
+        return cm__fail(CM_ERR_INVALID_ARGUMENT, "cm_dlpack_describe: tensor or info is NULL");
+    memset(info, 0, sizeof *info);
+    if (versioned) {
+        const DLManagedTensorVersioned *m = managed;
+        /* The DLPack rule: past a major mismatch only the deleter is safe. */
+        if (m->version.major != CM_DLPACK_MAJOR_VERSION)
+            return cm__fail(CM_ERR_UNSUPPORTED,
+                            "DLPack tensor of version %u.%u: mlxbuf reads major version %d",
+                            m->version.major, m->version.minor, CM_DLPACK_MAJOR_VERSION);
+        info->flags = m->flags;
+    }
+    const DLTensor *t = tensor_of(managed, versioned);
+    info->device_type = (int32_t)t->device.device_type;
+    info->device_id = t->device.device_id;
+    info->ndim = t->ndim;
+    info->dtype = t->dtype;
+    if (t->ndim < 0 || t->ndim > CM_DLPACK_MAX_NDIM)
+        return cm__fail(CM_ERR_INVALID_ARGUMENT, "DLPack tensor has %d dimensions: the limit is %d",
+                        t->ndim, CM_DLPACK_MAX_NDIM);
+    if (t->ndim > 0 && t->shape == NULL)
+        return cm__fail(CM_ERR_INVALID_ARGUMENT, "DLPack tensor of %d dimensions has no shape", t->ndim);
+    int rc = check_dtype(t->dtype, "DLPack tensor");
+    if (rc)
+        return rc;
+
+    int64_t lo, hi;
+    uint64_t count;
+    int64_t strides_buf[CM_DLPACK_MAX_NDIM];
+    const int64_t *strides = t->strides;
+    if (strides == NULL) {
+        row_major_strides(t->ndim, t->shape, strides_buf);
+        strides = strides_buf;
+    }
+    rc = view_extent(t->ndim, t->shape, strides, &lo, &hi, &count);
+    if (rc)
+        return rc;
+    uint64_t itemsize = (uint64_t)t->dtype.bits / 8 * t->dtype.lanes;
+    if (__builtin_mul_overflow(count, itemsize, &info->nbytes))
+        return cm__fail(CM_ERR_INVALID_ARGUMENT, "DLPack tensor of %" PRIu64 " elements overflows 64 bits",
+                        count);
+    info->contiguous = is_c_contiguous(t->ndim, t->shape, t->strides);
+    return CM_OK;
+}
+
+static void release_legacy(void *ctx)
+{
+    DLManagedTensor *m = ctx;
+    if (m->deleter)
+        m->deleter(m);
+}
+
+static void release_versioned(void *ctx)
+{
+    DLManagedTensorVersioned *m = ctx;
+    if (m->deleter)
+        m->deleter(m);
+}
+
+int cm_dlpack_import(cm_device_t *dev, void *managed, int versioned, int writable,
+                     cm_alloc_result_t *out, cm_dlpack_import_info_t *info)
+{
+    if (dev == NULL || out == NULL || info == NULL)
+        return cm__fail(CM_ERR_INVALID_ARGUMENT, "cm_dlpack_import: device, out or info is NULL");
+    memset(out, 0, sizeof *out);
+    int rc = cm_dlpack_describe(managed, versioned, info);
+    if (rc)
+        return rc;
+    if (!info->contiguous)
+        return cm__fail(CM_ERR_UNSUPPORTED, "DLPack tensor is not C-contiguous: it needs a copy");
+    if (info->nbytes == 0)
+        return cm__fail(CM_ERR_UNSUPPORTED, "DLPack tensor is empty: there is no memory to wrap");
+    if (info->flags & CM_DLPACK_FLAG_READ_ONLY)
+        writable = 0;
+
+    const DLTensor *t = tensor_of(managed, versioned);
+    void (*release)(void *) = versioned ? release_versioned : release_legacy;
+    switch (info->device_type) {
+    case kDLCPU:
+    case kDLCUDAHost:
+    case kDLROCMHost: {
+        if (t->data == NULL)
+            return cm__fail(CM_ERR_INVALID_ARGUMENT, "DLPack tensor of %" PRIu64 " bytes has no data",
+                            info->nbytes);
+        uint8_t *start = (uint8_t *)t->data + t->byte_offset;
+        rc = cm_storage_wrap_external(dev, start, info->nbytes, writable, release, managed, out);
+        if (rc)
+            return rc;
+        info->byte_offset = 0;
+        return CM_OK;
+    }
+    case kDLMetal: {
+        if (dev->backend->kind != CM_BACKEND_METAL)
+            return cm__fail(CM_ERR_UNSUPPORTED,
+                            "a kDLMetal (8) tensor can only be wrapped by a Metal device; this is a "
+                            "%s device", dev->backend->name);
+        rc = cm_storage_wrap_native(dev, (uint64_t)(uintptr_t)t->data, out);
+        if (rc)
+            return rc;
+        uint64_t end;
+        if (__builtin_add_overflow(t->byte_offset, info->nbytes, &end) || end > out->byte_len) {
+            char cap[32];
+            int status = cm__fail(CM_ERR_INVALID_ARGUMENT,
+                                  "kDLMetal tensor of %" PRIu64 " bytes at byte %" PRIu64
+                                  " reaches outside its %s MTLBuffer",
+                                  info->nbytes, t->byte_offset,
+                                  cm__fmt_bytes(out->byte_len, cap, sizeof cap));
+            cm_storage_release(out->storage);
+            memset(out, 0, sizeof *out);
+            return status;
+        }
+        /* The storage retains the MTLBuffer, but the producer may still
+         * recycle it (MLX and PyTorch cache buffers) once its deleter runs,
+         * so the deleter must wait for the storage's death too. We hold the
+         * only reference, so nobody can observe the storage before this. */
+        out->storage->ext_release = release;
+        out->storage->ext_ctx = managed;
+        if (!writable)
+            out->storage->writable = 0;
+        info->byte_offset = t->byte_offset;
+        return CM_OK;
+    }
+    default:
+        return cm__fail(CM_ERR_UNSUPPORTED,
+                        "cannot wrap memory of DLPack device type %d: mlxbuf reads kDLCPU (1) "
+                        "memory and, on Metal, kDLMetal (8) buffers",
+                        info->device_type);
+    }
+}

@@ -1,0 +1,114 @@
+"""mlxbuf: typed, reference-counted GPU buffers on Apple Silicon (Metal), with a host-memory backend.
+
+Quick start::
+
+    import mlxbuf
+    dev = mlxbuf.default_device()
+    buf = dev.alloc_buffer(4096, "f32", (1024,))
+    arr = buf.numpy()          # zero-copy, aliases the buffer's bytes
+
+See DESIGN.md and API.md for the semantics.
+"""
+
+__version__ = "0.1.0"
+
+from mlxbuf.buffer import Buffer
+from mlxbuf.compute import Kernel, Library
+from mlxbuf.device import Device, DeviceStats, default_device
+from mlxbuf.dtypes import (
+    DType,
+    as_dtype,
+    bfloat16,
+    bool_,
+    float16,
+    float32,
+    float64,
+    int8,
+    int16,
+    int32,
+    int64,
+    uint8,
+    uint16,
+    uint32,
+    uint64,
+)
+from mlxbuf.encoder import CommandEncoder
+from mlxbuf.errors import (
+    BufferAllocationError,
+    CommandBufferError,
+    DeviceNotFound,
+    FileError,
+    InvalidArgument,
+    KernelNotFound,
+    MlxError,
+    ResidencySetError,
+    ShaderCompilationError,
+    Unsupported,
+    UnsupportedDtype,
+)
+from mlxbuf.pool import BufferPool, PoolStats
+from mlxbuf.residency import ResidencyInfo, ResidencySet, ShardInfo
+
+# Interop lives in its own modules, imported on first use.
+_LAZY = {
+    "from_dlpack": "mlxbuf.interop",
+    "load_safetensors": "mlxbuf.safetensors",
+    "save_safetensors": "mlxbuf.safetensors",
+    "safetensors_metadata": "mlxbuf.safetensors",
+    "SafetensorsError": "mlxbuf.safetensors",
+}
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mlxbuf' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = [
+    "__version__",
+    "Buffer",
+    "BufferAllocationError",
+    "BufferPool",
+    "CommandBufferError",
+    "CommandEncoder",
+    "DType",
+    "Device",
+    "DeviceNotFound",
+    "DeviceStats",
+    "FileError",
+    "InvalidArgument",
+    "Kernel",
+    "KernelNotFound",
+    "Library",
+    "MlxError",
+    "PoolStats",
+    "ResidencyInfo",
+    "ResidencySet",
+    "ResidencySetError",
+    "ShaderCompilationError",
+    "ShardInfo",
+    "Unsupported",
+    "UnsupportedDtype",
+    "as_dtype",
+    "default_device",
+    "bfloat16",
+    "bool_",
+    "float16",
+    "float32",
+    "float64",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    *_LAZY,
+]

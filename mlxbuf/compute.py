@@ -1,0 +1,116 @@
+"""Compute: compiled shader libraries and their kernels (Metal only)."""
+
+from mlxbuf._cmetal import ffi, lib
+from mlxbuf.errors import InvalidArgument, Unsupported, error_for
+
+__all__ = ["Library", "Kernel"]
+
+
+class Library:
+    """A compiled Metal Shading Language library; ``kernel(name)`` gives its functions.
+
+    Owns one C reference to the library. Safe to use from any thread.
+    """
+
+    __slots__ = ("_device", "_handle", "_name", "__weakref__")
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("a Library is made by Device.compile_library(source)")
+
+    @classmethod
+    def _compile(cls, device, source, name):
+        if isinstance(source, bytes):
+            source = source.decode("utf-8")
+        if not isinstance(source, str):
+            raise InvalidArgument(f"shader source must be a str, got {type(source).__name__}")
+        out = ffi.new("cm_library_t **")
+        status = lib.cm_library_compile(device._handle, source.encode("utf-8"), out)
+        if status:
+            exc = error_for(status, name=name)
+            if isinstance(exc, Unsupported) and not str(exc):
+                exc = Unsupported(
+                    f"the {device.backend} backend cannot compile shaders: compute kernels need Metal",
+                    status=status,
+                )
+            raise exc
+        library = cls.__new__(cls)
+        library._device = device
+        library._handle = ffi.gc(out[0], lib.cm_library_release)
+        library._name = name
+        return library
+
+    @property
+    def device(self):
+        """The Device the library was compiled for."""
+        return self._device
+
+    @property
+    def name(self):
+        """The name given at compile time (used in error messages)."""
+        return self._name
+
+    def kernel(self, name):
+        """The compute pipeline of function ``name`` (KernelNotFound if there is none).
+
+        Pipelines are cached per (library, name) in C.
+        """
+        if not isinstance(name, str):
+            raise InvalidArgument(f"kernel name must be a str, got {name!r}")
+        out = ffi.new("cm_kernel_t **")
+        status = lib.cm_library_kernel(self._handle, name.encode("utf-8"), out)
+        if status:
+            raise error_for(status, name=name)
+        return Kernel._adopt(self, ffi.gc(out[0], lib.cm_kernel_release))
+
+    def __repr__(self):
+        return f"Library({self._name!r}, device={self._device.backend})"
+
+
+class Kernel:
+    """A compute pipeline: one function of a Library, ready to dispatch.
+
+    Owns one C reference to the pipeline. Immutable; safe to use from any thread.
+    """
+
+    __slots__ = ("_library", "_handle", "_info", "__weakref__")
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("a Kernel is made by Library.kernel(name)")
+
+    @classmethod
+    def _adopt(cls, library, handle):
+        info = ffi.new("cm_kernel_info_t *")
+        status = lib.cm_kernel_info(handle, info)
+        if status:
+            raise error_for(status)
+        k = cls.__new__(cls)
+        k._library = library
+        k._handle = handle
+        k._info = info
+        return k
+
+    @property
+    def name(self):
+        """The function's name."""
+        return ffi.string(self._info.name).decode("utf-8", "replace")
+
+    @property
+    def library(self):
+        """The Library the kernel comes from."""
+        return self._library
+
+    @property
+    def max_total_threads_per_threadgroup(self):
+        """Most threads one threadgroup of this pipeline may have."""
+        return self._info.max_total_threads_per_threadgroup
+
+    @property
+    def thread_execution_width(self):
+        """SIMD width: threadgroup sizes should be multiples of it."""
+        return self._info.thread_execution_width
+
+    def __repr__(self):
+        return (
+            f"Kernel({self.name!r}, max_total_threads_per_threadgroup={self.max_total_threads_per_threadgroup}, "
+            f"thread_execution_width={self.thread_execution_width})"
+        )

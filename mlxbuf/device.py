@@ -1,0 +1,387 @@
+"""Device: one opened backend device (Metal or host), its allocator and statistics."""
+
+import atexit
+import dataclasses
+import gc
+import os
+import threading
+import weakref
+
+from mlxbuf._cmetal import ffi, lib
+from mlxbuf.buffer import Buffer, _int_arg, _result, _shape_arg, _shape_fits, _tls
+from mlxbuf.dtypes import _LOOKUP as _DTYPES
+from mlxbuf.dtypes import as_dtype
+from mlxbuf.errors import BufferAllocationError, DeviceNotFound, InvalidArgument, check, error_for
+
+__all__ = ["Device", "DeviceStats", "default_device"]
+
+_BACKENDS = {"auto": lib.CM_BACKEND_AUTO, "host": lib.CM_BACKEND_HOST, "metal": lib.CM_BACKEND_METAL}
+_BACKEND_NAMES = {lib.CM_BACKEND_HOST: "host", lib.CM_BACKEND_METAL: "metal"}
+_U64_MAX = (1 << 64) - 1
+_U64_LIMIT = 1 << 64
+_release = lib.cm_storage_release
+_gc = ffi.gc
+_new = object.__new__
+
+_release_device = lib.cm_device_release
+_storage_alloc = lib.cm_storage_alloc
+_OOM = lib.CM_ERR_OUT_OF_MEMORY
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceStats:
+    """A snapshot of a device's counters (bytes unless named otherwise).
+
+    ``active_bytes`` counts live device-owned storages, pool caches included
+    (``cached_bytes`` is that part); external storages are not counted.
+    """
+
+    active_bytes: int
+    peak_bytes: int
+    live_storages: int
+    cached_bytes: int
+    cached_storages: int
+    memory_limit: int
+    alloc_count: int
+    free_count: int
+    submitted: int
+    completed: int
+
+
+def _env_flag(name):
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _parse_keepalive(text):
+    """``"seconds[,interval]"`` -> (seconds, interval or None)."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        if len(parts) not in (1, 2):
+            raise ValueError
+        seconds = float(parts[0])
+        interval = float(parts[1]) if len(parts) == 2 else None
+    except ValueError:
+        raise InvalidArgument(
+            f"MLXBUF_RESIDENCY_KEEPALIVE={text!r}: expected 'seconds' or 'seconds,interval' (numbers)"
+        ) from None
+    return seconds, interval
+
+
+def _parse_bytes_env(name, text):
+    try:
+        value = int(text.strip(), 0)
+    except ValueError:
+        raise InvalidArgument(f"{name}={text!r}: expected a byte count (an integer)") from None
+    if value <= 0:
+        raise InvalidArgument(f"{name}={text!r}: must be positive")
+    return value
+
+
+def _requested_backend(backend):
+    if not isinstance(backend, str) or backend.lower() not in _BACKENDS:
+        raise InvalidArgument(f"unknown backend {backend!r}; expected one of 'auto', 'host', 'metal'")
+    backend = backend.lower()
+    if backend == "auto":
+        forced = os.environ.get("MLXBUF_BACKEND", "").strip().lower()
+        if forced:
+            if forced not in _BACKENDS:
+                raise InvalidArgument(f"MLXBUF_BACKEND={forced!r}; expected 'auto', 'host' or 'metal'")
+            backend = forced
+    return backend
+
+
+# Open devices, so in-flight work can finish before the interpreter tears
+# down the objects its completion would touch.
+_open_devices = weakref.WeakSet()
+
+
+@atexit.register
+def _synchronize_open_devices():
+    for dev in list(_open_devices):
+        try:
+            lib.cm_device_synchronize(dev._handle)
+        except Exception:
+            pass
+
+
+class Device:
+    """One opened device: Metal where asked for and available, else host memory.
+
+    ``Device("auto" | "host" | "metal")`` opens a new device each call, with
+    its own command queue, residency set and counters. ``"auto"`` honours
+    ``MLXBUF_BACKEND``; ``"metal"`` raises DeviceNotFound where there is no
+    Metal device. ``residency=False`` (or ``MLXBUF_NO_RESIDENCY=1``) opens it
+    with residency sets switched off. ``MLXBUF_RESIDENCY_SHARD_BYTES`` and
+    ``MLXBUF_RESIDENCY_KEEPALIVE=seconds[,interval]`` are applied at open.
+
+    Owns one C reference to the device, released when the Device is
+    collected; buffers, pools and command buffers hold their own. Safe to
+    use from any thread.
+    """
+
+    __slots__ = ("_handle", "_info", "__weakref__")
+
+    def __init__(self, backend="auto", *, residency=None):
+        wanted = _requested_backend(backend)
+        if residency is None:
+            residency = not _env_flag("MLXBUF_NO_RESIDENCY")
+        flags = 0 if residency else lib.CM_DEVICE_NO_RESIDENCY
+        out = ffi.new("cm_device_t **")
+        status = lib.cm_device_open(_BACKENDS[wanted], flags, out)
+        if status:
+            exc = error_for(status)
+            if isinstance(exc, DeviceNotFound) and not str(exc):
+                exc = DeviceNotFound(f"no {wanted} device in this process", status=status)
+            raise exc
+        self._adopt(ffi.gc(out[0], _release_device))
+        self._apply_env()
+
+    @classmethod
+    def _from_handle(cls, handle):
+        """Wrap a ``cm_device_t *`` owning one C reference (``ffi.gc``'d by this call)."""
+        dev = cls.__new__(cls)
+        dev._adopt(ffi.gc(handle, _release_device))
+        return dev
+
+    def _adopt(self, handle):
+        self._handle = handle
+        info = ffi.new("cm_device_info_t *")
+        check(lib.cm_device_info(handle, info))
+        self._info = info
+        _open_devices.add(self)
+
+    def _apply_env(self):
+        shard = os.environ.get("MLXBUF_RESIDENCY_SHARD_BYTES", "").strip()
+        if shard and self.residency_sets_enabled:
+            self.residency_set.shard_cap = _parse_bytes_env("MLXBUF_RESIDENCY_SHARD_BYTES", shard)
+        keepalive = os.environ.get("MLXBUF_RESIDENCY_KEEPALIVE", "").strip()
+        if keepalive and self.residency_sets_enabled:
+            seconds, interval = _parse_keepalive(keepalive)
+            self.set_residency_keepalive(seconds, interval)
+
+    # ---- facts ----
+
+    @property
+    def backend(self):
+        """``"metal"`` or ``"host"``."""
+        return _BACKEND_NAMES.get(self._info.backend, str(self._info.backend))
+
+    @property
+    def name(self):
+        """The device's name (Metal: e.g. "Apple M2"; host: from the machine)."""
+        return ffi.string(self._info.name).decode("utf-8", "replace")
+
+    @property
+    def has_unified_memory(self):
+        """True when CPU and GPU share memory (Apple Silicon; always on host)."""
+        return bool(self._info.has_unified_memory)
+
+    @property
+    def max_buffer_length(self):
+        """Largest single allocation, in bytes."""
+        return self._info.max_buffer_length
+
+    @property
+    def recommended_max_working_set_size(self):
+        """Bytes the device can use without hurting performance."""
+        return self._info.recommended_max_working_set_size
+
+    @property
+    def page_size(self):
+        """Allocation granularity in bytes."""
+        return self._info.page_size
+
+    @property
+    def registry_id(self):
+        """Metal's registryID (0 on the host backend)."""
+        return self._info.registry_id
+
+    @property
+    def residency_sets_enabled(self):
+        """Whether allocations are registered in residency sets."""
+        return bool(self._info.residency_enabled)
+
+    @property
+    def residency_disabled_reason(self):
+        """Why residency sets are off ("" when they are on)."""
+        return ffi.string(self._info.residency_disabled_reason).decode("utf-8", "replace")
+
+    @property
+    def residency_set(self):
+        """The device's ResidencySet, or None when residency is off.
+
+        Each access returns a new view object (they compare equal); caching
+        one here would make a Device <-> ResidencySet reference cycle.
+        """
+        if not self._info.residency_enabled:
+            return None
+        from mlxbuf.residency import ResidencySet
+
+        return ResidencySet._for_device(self)
+
+    def __repr__(self):
+        residency = "on" if self.residency_sets_enabled else "off"
+        return f"Device(backend={self.backend!r}, name={self.name!r}, residency={residency})"
+
+    # ---- memory ----
+
+    def stats(self):
+        """A DeviceStats snapshot of this device's counters."""
+        out = ffi.new("cm_device_stats_t *")
+        check(lib.cm_device_stats(self._handle, out))
+        return DeviceStats(**{f.name: getattr(out, f.name) for f in dataclasses.fields(DeviceStats)})
+
+    def _stat(self, field):
+        out = ffi.new("cm_device_stats_t *")
+        check(lib.cm_device_stats(self._handle, out))
+        return getattr(out, field)
+
+    @property
+    def active_memory(self):
+        """Bytes in live storages of this device (pool caches included, external storages not)."""
+        return self._stat("active_bytes")
+
+    @property
+    def peak_memory(self):
+        """Largest active_memory since the device opened or reset_peak_memory()."""
+        return self._stat("peak_bytes")
+
+    def reset_peak_memory(self):
+        """Restart peak_memory from the current active_memory."""
+        lib.cm_device_reset_peak(self._handle)
+
+    @property
+    def memory_limit(self):
+        """Allocations that would take active_memory above this many bytes fail."""
+        return self._stat("memory_limit")
+
+    @memory_limit.setter
+    def memory_limit(self, limit):
+        self.set_memory_limit(limit)
+
+    def set_memory_limit(self, limit):
+        """Set the memory limit in bytes (None: no limit); return the old one."""
+        limit = _U64_MAX if limit is None else _int_arg(limit, "memory limit")
+        old = ffi.new("uint64_t *")
+        check(lib.cm_device_set_memory_limit(self._handle, limit, old))
+        return old[0]
+
+    def synchronize(self):
+        """Block until every command buffer submitted so far has completed and released its holds."""
+        check(lib.cm_device_synchronize(self._handle))
+
+    def _debug_fail_alloc(self, fail_nth=0, min_bytes=0):
+        """Test-only: make the fail_nth-th allocation from now (and, with
+        min_bytes, every one of at least min_bytes) fail; (0, 0) switches it off."""
+        check(lib.cm_device_debug_fail_alloc(self._handle, fail_nth, min_bytes))
+
+    # ---- allocation ----
+
+    def alloc_buffer(self, byte_len, dtype, shape):
+        """A new zero-filled Buffer of ``byte_len`` bytes viewed as ``dtype``/``shape``.
+
+        ``byte_len`` must be > 0 and <= max_buffer_length, and the shape must
+        fit in it. The storage is staged into the residency set (no commit).
+        On BufferAllocationError the garbage collector runs once and the
+        allocation is retried once (the device's pool caches were already
+        given back by C).
+        """
+        # Inlined hot path, as in BufferPool.alloc.
+        try:
+            dt = _DTYPES[dtype]
+        except (KeyError, TypeError):
+            dt = as_dtype(dtype)
+        if type(shape) is tuple and len(shape) == 1 and type(shape[0]) is int and shape[0] >= 0:
+            count = shape[0]
+        else:
+            shape, count = _shape_arg(shape)
+        if type(byte_len) is not int or byte_len <= 0 or byte_len >= _U64_LIMIT:
+            byte_len = _int_arg(byte_len, "byte_len", minimum=1)
+        if count * dt.size > byte_len:
+            _shape_fits(dt, shape, count, byte_len)
+        try:
+            res = _tls.res
+        except AttributeError:
+            res = _result()
+        status = _storage_alloc(self._handle, byte_len, res)
+        if status:
+            self._alloc_failed(status, byte_len, res)
+        storage = res.storage
+        buf = _new(Buffer)
+        buf._device = self
+        buf._storage = storage
+        buf._mem = _gc(res.contents, lambda _p, _s=storage, _r=_release: _r(_s), byte_len)
+        buf._dtype = dt
+        buf._shape = shape
+        buf._byte_offset = 0
+        buf._byte_len = byte_len
+        return buf
+
+    def _alloc_failed(self, status, byte_len, res):
+        if status == _OOM:
+            # Python may be holding dead buffers in reference cycles.
+            gc.collect()
+            status = _storage_alloc(self._handle, byte_len, res)
+            if not status:
+                return
+        raise error_for(status, bytes=byte_len)
+
+    def command_encoder(self):
+        """A new CommandEncoder (one command buffer) on this device's queue."""
+        from mlxbuf.encoder import CommandEncoder
+
+        return CommandEncoder._create(self)
+
+    def set_residency_keepalive(self, seconds, interval=None):
+        """Keep residency requested for ``seconds`` after each submission,
+        re-requesting every ``interval`` seconds (default: a quarter of
+        ``seconds``, at most 1 s); ``seconds=0`` switches it off."""
+        seconds = float(seconds)
+        if interval is None:
+            interval = min(seconds / 4, 1.0) if seconds > 0 else 0.0
+        check(lib.cm_residency_set_keepalive(self._handle, seconds, float(interval)))
+
+    def compile_library(self, source, name="library"):
+        """Compile Metal Shading Language source into a Library.
+
+        ShaderCompilationError carries the compiler's message; the host
+        backend raises Unsupported (it has no compute).
+        """
+        from mlxbuf.compute import Library
+
+        return Library._compile(self, source, name)
+
+    # ---- interop hooks (mlxbuf.interop) ----
+
+    def map_file(self, path, offset=0, length=None, *, dtype="u8", shape=None, writable=False):
+        """A zero-copy Buffer over ``length`` bytes of a file from ``offset`` (see mlxbuf.interop.map_file)."""
+        from mlxbuf import interop
+
+        return interop.map_file(self, path, offset, length, dtype=dtype, shape=shape, writable=writable)
+
+    def from_numpy(self, array, copy=None):
+        """A Buffer over a numpy array's memory, zero-copy where possible (see mlxbuf.interop.from_numpy)."""
+        from mlxbuf import interop
+
+        return interop.from_numpy(self, array, copy=copy)
+
+
+_default_lock = threading.Lock()
+_default = {}  # pid -> Device: a forked child opens its own
+
+
+def default_device():
+    """The process's default Device: Metal where available, else host.
+
+    ``MLXBUF_BACKEND=host|metal`` forces a backend (read at the first call).
+    The same Device is returned on every call in a process; thread-safe.
+    """
+    pid = os.getpid()
+    dev = _default.get(pid)
+    if dev is None:
+        with _default_lock:
+            dev = _default.get(pid)
+            if dev is None:
+                _default.clear()
+                dev = _default[pid] = Device("auto")
+    return dev

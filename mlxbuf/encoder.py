@@ -1,0 +1,225 @@
+"""CommandEncoder: one command buffer, its operations, and its submission."""
+
+import struct
+
+import numpy as np
+
+from mlxbuf._cmetal import ffi, lib
+from mlxbuf.buffer import Buffer, _int_arg
+from mlxbuf.errors import InvalidArgument, check
+
+__all__ = ["CommandEncoder"]
+
+_STATUS_NAMES = {
+    lib.CM_CB_NOT_COMMITTED: "not_committed",
+    lib.CM_CB_COMMITTED: "committed",
+    lib.CM_CB_COMPLETED: "completed",
+    lib.CM_CB_ERROR: "error",
+    lib.CM_CB_DISCARDED: "discarded",
+}
+
+
+def _grid3(value, what):
+    """An int or a sequence of 1-3 positive ints as a uint64_t[3], padded with 1."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        dims = [value]
+    elif isinstance(value, (tuple, list)) and 1 <= len(value) <= 3:
+        dims = list(value)
+    else:
+        raise InvalidArgument(f"{what} must be an int or 1-3 ints, got {value!r}")
+    dims = [_int_arg(d, f"{what} dimension", minimum=1) for d in dims]
+    return ffi.new("uint64_t[3]", dims + [1] * (3 - len(dims)))
+
+
+def _constant_bytes(value, index):
+    """The bytes a kernel constant binds as.
+
+    Python ints become 32-bit ints (int32, or uint32 from 2**31 up), floats
+    become float32 and bools a uint8, matching MSL's `int`/`uint`/`float`/
+    `bool` constants; numpy scalars and arrays keep their own type; bytes-like
+    objects are passed as they are.
+    """
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, (np.generic, np.ndarray)):
+        return np.ascontiguousarray(value).tobytes()
+    if isinstance(value, bool):
+        return struct.pack("<B", value)
+    if isinstance(value, int):
+        if -(1 << 31) <= value < (1 << 31):
+            return struct.pack("<i", value)
+        if 0 <= value < (1 << 32):
+            return struct.pack("<I", value)
+        raise InvalidArgument(
+            f"constant {index} = {value} does not fit in 32 bits; pass a numpy scalar (e.g. np.int64) for wider types"
+        )
+    if isinstance(value, float):
+        return struct.pack("<f", value)
+    raise InvalidArgument(
+        f"constant {index} must be an int, float, bool, numpy scalar/array or bytes, got {value!r}"
+    )
+
+
+class CommandEncoder:
+    """One command buffer on a device's queue: encode copies, fills and
+    dispatches, then ``commit()`` (returns at once) and ``wait()``.
+
+    ``commit*`` first flushes pending residency changes (one native commit
+    if anything is pending, none otherwise). The command buffer holds a C
+    reference to every storage it uses from encode time until it completes
+    (or is discarded), so nothing it touches is freed, reused by a pool or
+    removed from residency meanwhile, whatever Python drops. Command buffers
+    of one device complete in submission order.
+
+    As a context manager, leaving the block commits (unless already
+    committed) and waits; an exception inside the block discards the work.
+
+    Owns one C reference to its command buffer; a submitted command buffer
+    keeps itself alive until it completes. Encode from one thread at a
+    time; ``status`` and ``wait()`` may be used from any thread.
+    """
+
+    __slots__ = ("_device", "_handle", "__weakref__")
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("a CommandEncoder is made by Device.command_encoder()")
+
+    @classmethod
+    def _create(cls, device):
+        out = ffi.new("cm_cmdbuf_t **")
+        check(lib.cm_cmdbuf_create(device._handle, out))
+        enc = cls.__new__(cls)
+        enc._device = device
+        enc._handle = ffi.gc(out[0], lib.cm_cmdbuf_release)
+        return enc
+
+    @property
+    def device(self):
+        """The Device whose queue runs this command buffer."""
+        return self._device
+
+    def _own(self, buffer, role):
+        if not isinstance(buffer, Buffer):
+            raise InvalidArgument(f"{role} must be a Buffer, got {buffer!r}")
+        if buffer._device._handle != self._device._handle:
+            raise InvalidArgument(f"{role} {buffer!r} belongs to another device than this encoder's")
+        return buffer
+
+    # ---- operations ----
+
+    def copy(self, src, dst, nbytes=None):
+        """Copy ``nbytes`` (default ``src.nbytes``) from ``src``'s view to ``dst``'s view,
+        each starting at its own byte offset."""
+        self._own(src, "copy source")
+        self._own(dst, "copy destination")
+        nbytes = src.nbytes if nbytes is None else _int_arg(nbytes, "copy nbytes")
+        if nbytes > src.nbytes:
+            raise InvalidArgument(f"copy of {nbytes} bytes exceeds the {src.nbytes}-byte source view")
+        if nbytes > dst.nbytes:
+            raise InvalidArgument(f"copy of {nbytes} bytes exceeds the {dst.nbytes}-byte destination view")
+        check(
+            lib.cm_cmdbuf_copy(self._handle, src._storage, src._byte_offset, dst._storage, dst._byte_offset, nbytes)
+        )
+
+    def fill(self, buffer, value):
+        """Set every byte of ``buffer``'s view to ``value`` (an int in 0..255)."""
+        self._own(buffer, "fill target")
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise InvalidArgument(f"fill value must be an int in 0..255, got {value!r}")
+        if not 0 <= value <= 255:
+            raise InvalidArgument(f"fill value {int(value)} is outside 0..255 (one byte)")
+        check(lib.cm_cmdbuf_fill(self._handle, buffer._storage, buffer._byte_offset, buffer.nbytes, int(value)))
+
+    def dispatch(self, kernel, grid, threadgroup, buffers=(), constants=()):
+        """Encode a compute dispatch of ``grid`` threads in threadgroups of
+        ``threadgroup`` threads (ints or 1-3 ints each).
+
+        ``buffers`` bind at indices 0.. at their own byte offsets;
+        ``constants`` bind after them (see ``_constant_bytes`` for how
+        Python values are packed). Metal only: the host backend has no
+        kernels to dispatch.
+        """
+        from mlxbuf.compute import Kernel
+
+        if not isinstance(kernel, Kernel):
+            raise InvalidArgument(f"dispatch needs a Kernel (from Library.kernel), got {kernel!r}")
+        grid3 = _grid3(grid, "grid")
+        tg3 = _grid3(threadgroup, "threadgroup")
+        buffers = list(buffers)
+        constants = list(constants)
+        if len(buffers) + len(constants) > lib.CM_MAX_KERNEL_ARGS:
+            raise InvalidArgument(
+                f"{len(buffers)} buffers + {len(constants)} constants exceed the "
+                f"{lib.CM_MAX_KERNEL_ARGS} kernel argument slots"
+            )
+        for i, b in enumerate(buffers):
+            self._own(b, f"buffer {i}")
+        blobs = [_constant_bytes(c, i) for i, c in enumerate(constants)]
+        bufs = ffi.new("cm_storage_t *[]", [b._storage for b in buffers] or [ffi.NULL])
+        offsets = ffi.new("uint64_t[]", [b._byte_offset for b in buffers] or [0])
+        consts = ffi.new("uint8_t[]", b"".join(blobs) or b"\0")
+        sizes = ffi.new("uint64_t[]", [len(b) for b in blobs] or [0])
+        check(
+            lib.cm_cmdbuf_dispatch(
+                self._handle, kernel._handle, grid3, tg3, bufs, offsets, len(buffers), consts, sizes, len(blobs)
+            )
+        )
+
+    # ---- submission ----
+
+    def commit(self):
+        """Flush pending residency, submit, and return without waiting."""
+        check(lib.cm_cmdbuf_commit(self._handle))
+
+    def wait(self):
+        """Block until the command buffer completed and released its holds;
+        CommandBufferError if it failed or was never committed."""
+        check(lib.cm_cmdbuf_wait(self._handle))
+
+    def commit_and_wait(self):
+        """commit() then wait()."""
+        self.commit()
+        self.wait()
+
+    def discard(self):
+        """Drop the encoded work of a command buffer never committed, releasing its holds."""
+        check(lib.cm_cmdbuf_discard(self._handle))
+
+    @property
+    def status(self):
+        """``"not_committed"``, ``"committed"``, ``"completed"``, ``"error"`` or ``"discarded"``."""
+        code = lib.cm_cmdbuf_status(self._handle)
+        return _STATUS_NAMES.get(code, f"unknown({code})")
+
+    @property
+    def op_count(self):
+        """Operations encoded so far."""
+        return lib.cm_cmdbuf_op_count(self._handle)
+
+    @property
+    def hold_count(self):
+        """Storages the command buffer holds right now (0 once completed or discarded)."""
+        return lib.cm_cmdbuf_hold_count(self._handle)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        status = lib.cm_cmdbuf_status(self._handle)
+        if exc_type is not None:
+            if status == lib.CM_CB_NOT_COMMITTED:
+                self.discard()
+            elif status == lib.CM_CB_COMMITTED:
+                # Submitted work still runs; wait so its holds are released
+                # before the exception propagates, but keep that exception.
+                lib.cm_cmdbuf_wait(self._handle)
+            return False
+        if status == lib.CM_CB_NOT_COMMITTED:
+            self.commit()
+            status = lib.CM_CB_COMMITTED
+        if status != lib.CM_CB_DISCARDED:
+            self.wait()
+        return False
+
+    def __repr__(self):
+        return f"CommandEncoder(status={self.status!r}, ops={self.op_count}, device={self._device.backend})"

@@ -1,0 +1,134 @@
+"""The mlxbuf exception hierarchy and the one place C status codes become exceptions."""
+
+from mlxbuf._cmetal import ffi, lib
+
+__all__ = [
+    "MlxError",
+    "DeviceNotFound",
+    "BufferAllocationError",
+    "InvalidArgument",
+    "UnsupportedDtype",
+    "ResidencySetError",
+    "CommandBufferError",
+    "ShaderCompilationError",
+    "KernelNotFound",
+    "Unsupported",
+    "FileError",
+    "check",
+]
+
+
+class MlxError(Exception):
+    """Base class of every error mlxbuf raises.
+
+    ``status`` is the C status code behind the error (``None`` when the error
+    was raised by Python-side validation). Keyword arguments become
+    attributes, so every class takes the context ``check`` gives it.
+    """
+
+    status = None
+
+    def __init__(self, message="", **context):
+        super().__init__(message)
+        for key, value in context.items():
+            setattr(self, key, value)
+
+
+class DeviceNotFound(MlxError):
+    """The requested backend has no device in this process (e.g. Metal on Linux)."""
+
+
+class BufferAllocationError(MlxError, MemoryError):
+    """An allocation failed or would exceed the device's memory limit.
+
+    ``bytes`` is the size that was asked for; the message gives the bytes in
+    use and the limit.
+    """
+
+    def __init__(self, message="", bytes=None, **context):
+        super().__init__(message, **context)
+        self.bytes = bytes
+
+
+class InvalidArgument(MlxError, ValueError):
+    """A value outside its limit: the message names the value and the limit."""
+
+
+class UnsupportedDtype(MlxError, TypeError):
+    """A dtype mlxbuf does not know, or one that needs a missing package (bfloat16)."""
+
+
+class ResidencySetError(MlxError):
+    """A residency-set operation failed (or residency is switched off)."""
+
+
+class CommandBufferError(MlxError):
+    """A command buffer was misused (encode/commit after commit, wait before commit) or failed."""
+
+
+class ShaderCompilationError(MlxError):
+    """The shader compiler rejected a library.
+
+    ``name`` is the library's name, ``message`` the compiler's output.
+    """
+
+    def __init__(self, message="", name=None, **context):
+        super().__init__(f"{name}: {message}" if name else message, **context)
+        self.name = name
+        self.message = message
+
+
+class KernelNotFound(MlxError):
+    """A library has no function of the requested name."""
+
+
+class Unsupported(MlxError, NotImplementedError):
+    """A capability the backend lacks, e.g. compute kernels on the host backend."""
+
+
+class FileError(MlxError, OSError):
+    """A file operation failed (file-backed buffers); the message names the path and the reason."""
+
+
+_BY_STATUS = {
+    lib.CM_ERR_INVALID_ARGUMENT: InvalidArgument,
+    lib.CM_ERR_OUT_OF_MEMORY: BufferAllocationError,
+    lib.CM_ERR_DEVICE_NOT_FOUND: DeviceNotFound,
+    lib.CM_ERR_UNSUPPORTED: Unsupported,
+    lib.CM_ERR_RESIDENCY: ResidencySetError,
+    lib.CM_ERR_COMMAND_BUFFER: CommandBufferError,
+    lib.CM_ERR_SHADER_COMPILATION: ShaderCompilationError,
+    lib.CM_ERR_KERNEL_NOT_FOUND: KernelNotFound,
+    lib.CM_ERR_IO: FileError,
+    lib.CM_ERR_INTERNAL: MlxError,
+}
+
+
+def last_error_message():
+    """The calling thread's last C error message ('' if none)."""
+    return ffi.string(lib.cm_last_error()).decode("utf-8", "replace")
+
+
+def error_for(status, **context):
+    """The exception for C status ``status``, with the thread's last C message.
+
+    ``context`` sets attributes on the exception (``bytes=`` for
+    BufferAllocationError, ``name=`` for ShaderCompilationError, ...); an
+    unknown code gives a plain MlxError that keeps the raw code in ``status``.
+    """
+    message = last_error_message()
+    cls = _BY_STATUS.get(status)
+    if cls is None:
+        exc = MlxError(f"mlxbuf C core returned unknown status {status}: {message or 'no message'}", **context)
+    else:
+        if status == lib.CM_ERR_INTERNAL:
+            message = f"internal error in the mlxbuf C core (please report): {message}"
+        exc = cls(message, **context)
+    exc.status = status
+    return exc
+
+
+def check(status, **context):
+    """Raise the exception for a non-zero C status; return None for CM_OK."""
+    if status:
+        raise error_for(status, **context)

@@ -1,0 +1,82 @@
+"""File-backed Buffers: Device.map_file.
+
+A mapped storage is the file's pages themselves (``mmap``, ``MAP_SHARED``;
+on Metal wrapped by ``newBufferWithBytesNoCopy``), so mapping costs no copy
+and no read until a byte is touched. The C core rounds the offset down to a
+page and remembers the difference, so any offset works. The mapping does
+not depend on the file descriptor, the path or the file staying linked: it
+is unmapped when the last reference to the storage dies. Mapped storages
+join the residency set like allocations and count in ``active_memory``.
+
+The one thing a mapping cannot survive is the file shrinking underneath
+it: touching a page past the new end raises SIGBUS. Replace files
+atomically (write a new file, then rename) while buffers map them, as
+``save_safetensors`` does.
+"""
+
+import os
+
+from mlxbuf._cmetal import ffi, lib
+from mlxbuf.buffer import Buffer, _dtype_arg, _int_arg
+from mlxbuf.errors import FileError, InvalidArgument, error_for
+from mlxbuf.external import _default_shape
+
+__all__ = ["map_file", "map_fd"]
+
+
+def map_fd(device, fd, offset, length, *, writable=False, path=None):
+    """A 1-D u8 Buffer over ``length`` bytes of the open file ``fd`` from
+    ``offset``; the caller keeps ownership of ``fd`` (the mapping does not
+    need it once this returns)."""
+    res = ffi.new("cm_alloc_result_t *")
+    status = lib.cm_storage_map_file(device._handle, fd, offset, length, 1 if writable else 0, res)
+    if status:
+        exc = error_for(status)
+        if path is not None:
+            exc.args = (f"{path}: {exc.args[0]}",) + exc.args[1:]
+        raise exc
+    return Buffer._from_storage(device, res.storage, res.contents, res.byte_len, "u8", (res.byte_len,))
+
+
+def map_file(device, path, offset=0, length=None, *, dtype="u8", shape=None, writable=False):
+    """A zero-copy Buffer over ``length`` bytes of the file at ``path`` from ``offset``.
+
+    ``length=None`` maps to the end of the file. The Buffer is 1-D ``u8`` by
+    default; ``dtype``/``shape`` view the bytes otherwise (the shape must
+    fit; without one the range must be a whole number of elements).
+    ``writable=True`` opens the file for writing and shares writes with it
+    (other readers see them at once); otherwise the Buffer is read-only and
+    its numpy views refuse writes. Raises FileError when the file cannot be
+    opened and InvalidArgument for a range outside the file or beyond the
+    device's maximum buffer length.
+    """
+    dt = _dtype_arg(dtype)
+    path = os.fspath(path)
+    offset = _int_arg(offset, "offset")
+    if length is not None:
+        length = _int_arg(length, "length", minimum=1)
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise FileError(
+            f"cannot open {path!r}{' for writing' if writable else ''}: {exc.strerror}",
+            errno=exc.errno,
+            filename=path,
+        ) from None
+    try:
+        size = os.fstat(fd).st_size
+        if offset > size:
+            raise InvalidArgument(f"{path}: offset {offset} is beyond the end of the {size}-byte file")
+        span = size - offset if length is None else length
+        if span == 0:
+            raise InvalidArgument(f"{path}: nothing to map at offset {offset} of the {size}-byte file")
+        if span > size - offset:
+            raise InvalidArgument(
+                f"{path}: mapping {span} bytes at offset {offset} exceeds the {size}-byte file"
+            )
+        shape = _default_shape(span, dt, shape, "file range")
+        base = map_fd(device, fd, offset, span, writable=writable, path=path)
+    finally:
+        os.close(fd)
+    return base.view(dt, shape)

@@ -1,0 +1,215 @@
+"""ResidencySet: a view over one device's residency bookkeeping (Metal MTLResidencySet)."""
+
+import dataclasses
+
+from mlxbuf._cmetal import ffi, lib
+from mlxbuf.errors import check
+
+__all__ = ["ResidencySet", "ResidencyInfo", "ShardInfo"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardInfo:
+    """One residency shard (one MTLResidencySet on Metal) at a point in time."""
+
+    index: int
+    allocation_count: int
+    committed_allocation_count: int
+    allocated_size: int
+    pending: bool
+    commit_count: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ResidencyInfo:
+    """A snapshot of a device's residency counters.
+
+    ``staged_adds``/``staged_removes`` count every add/remove staged since
+    the device opened; ``keepalive_requests`` the re-requests the keep-alive
+    thread made.
+    """
+
+    enabled: bool
+    allocation_count: int
+    committed_allocation_count: int
+    allocated_size: int
+    pending: bool
+    commit_count: int
+    staged_adds: int
+    staged_removes: int
+    shard_count: int
+    shard_cap_bytes: int
+    keepalive_requests: int
+    keepalive_seconds: float
+    keepalive_interval: float
+
+
+class ResidencySet:
+    """The residency set of one device: the allocations the GPU keeps resident.
+
+    Allocating stages an add and a storage's last reference stages a remove;
+    staging never commits. ``CommandEncoder.commit*`` flushes: one native
+    commit per dirty shard, none when nothing is pending. Storages are
+    spread over shards of a soft byte cap (``shard_cap``). The host backend
+    keeps exactly the books Metal would.
+
+    A view: it holds the device, not a copy of its state, and every
+    property reads the current counters. Safe to use from any thread.
+    """
+
+    __slots__ = ("_device",)
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("a ResidencySet is obtained from Device.residency_set")
+
+    @classmethod
+    def _for_device(cls, device):
+        rs = cls.__new__(cls)
+        rs._device = device
+        return rs
+
+    def __eq__(self, other):
+        if not isinstance(other, ResidencySet):
+            return NotImplemented
+        return self._device._handle == other._device._handle
+
+    def __hash__(self):
+        return hash(int(ffi.cast("uintptr_t", self._device._handle)))
+
+    @property
+    def device(self):
+        """The Device whose residency this is."""
+        return self._device
+
+    def info(self):
+        """A ResidencyInfo snapshot of every counter."""
+        out = self._raw()
+        values = {f.name: getattr(out, f.name) for f in dataclasses.fields(ResidencyInfo)}
+        values["enabled"] = bool(values["enabled"])
+        values["pending"] = bool(values["pending"])
+        return ResidencyInfo(**values)
+
+    def _raw(self):
+        out = ffi.new("cm_residency_info_t *")
+        check(lib.cm_residency_info(self._device._handle, out))
+        return out
+
+    @property
+    def allocation_count(self):
+        """Allocations in the set, staged changes included."""
+        return self._raw().allocation_count
+
+    @property
+    def committed_allocation_count(self):
+        """Allocations in the set as of the last commit."""
+        return self._raw().committed_allocation_count
+
+    @property
+    def allocated_size(self):
+        """Bytes in the set, staged changes included."""
+        return self._raw().allocated_size
+
+    @property
+    def pending(self):
+        """True when something was staged since the last commit."""
+        return bool(self._raw().pending)
+
+    @property
+    def commit_count(self):
+        """Native commits issued on this device so far (every shard counted)."""
+        return self._raw().commit_count
+
+    @property
+    def staged_adds(self):
+        """Adds staged since the device opened."""
+        return self._raw().staged_adds
+
+    @property
+    def staged_removes(self):
+        """Removes staged since the device opened."""
+        return self._raw().staged_removes
+
+    @property
+    def shard_count(self):
+        """Residency shards in use (MTLResidencySets on Metal)."""
+        return self._raw().shard_count
+
+    @property
+    def shard_cap(self):
+        """Soft byte cap of one shard; new storages go to the first shard with room."""
+        return self._raw().shard_cap_bytes
+
+    @shard_cap.setter
+    def shard_cap(self, cap_bytes):
+        self.set_shard_cap(cap_bytes)
+
+    def set_shard_cap(self, cap_bytes):
+        """Set the shard cap in bytes (storages already placed stay); return the old cap."""
+        from mlxbuf.buffer import _int_arg
+
+        cap_bytes = _int_arg(cap_bytes, "shard cap", minimum=1)
+        old = ffi.new("uint64_t *")
+        check(lib.cm_residency_set_shard_cap(self._device._handle, cap_bytes, old))
+        return old[0]
+
+    def shards(self):
+        """A ShardInfo per shard."""
+        out = ffi.new("cm_residency_shard_info_t *")
+        result = []
+        for i in range(self.shard_count):
+            check(lib.cm_residency_shard_info(self._device._handle, i, out))
+            result.append(
+                ShardInfo(
+                    i,
+                    out.allocation_count,
+                    out.committed_allocation_count,
+                    out.allocated_size,
+                    bool(out.pending),
+                    out.commit_count,
+                )
+            )
+        return result
+
+    @property
+    def keepalive(self):
+        """``(seconds, interval)`` of the keep-alive; ``(0.0, ...)`` when off."""
+        out = self._raw()
+        return (out.keepalive_seconds, out.keepalive_interval)
+
+    @property
+    def keepalive_requests(self):
+        """Residency re-requests made by the keep-alive thread."""
+        return self._raw().keepalive_requests
+
+    def set_keepalive(self, seconds, interval=None):
+        """Same as Device.set_residency_keepalive."""
+        self._device.set_residency_keepalive(seconds, interval)
+
+    def commit(self):
+        """Commit every shard now, pending or not."""
+        check(lib.cm_residency_commit(self._device._handle))
+
+    def flush_pending(self):
+        """Commit the shards with staged changes; return whether anything was committed."""
+        out = ffi.new("uint64_t *")
+        check(lib.cm_residency_flush(self._device._handle, out))
+        return out[0] > 0
+
+    def contains(self, buffer):
+        """Whether ``buffer``'s storage is in the set (staged view); False for another device's buffer."""
+        if buffer._device._handle != self._device._handle:
+            return False
+        out = ffi.new("int *")
+        check(lib.cm_residency_contains(self._device._handle, buffer._storage, out))
+        return bool(out[0])
+
+    def __contains__(self, buffer):
+        return self.contains(buffer)
+
+    def __repr__(self):
+        i = self._raw()
+        return (
+            f"ResidencySet(allocations={i.allocation_count}, committed={i.committed_allocation_count}, "
+            f"bytes={i.allocated_size}, pending={bool(i.pending)}, commits={i.commit_count}, "
+            f"shards={i.shard_count})"
+        )

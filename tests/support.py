@@ -1,0 +1,15 @@
+"""Helpers shared by the tests (imported as `support`; tests/ is on sys.path under pytest)."""
+
+import gc
+
+
+def assert_names(excinfo, *fragments):
+    """Assert the raised exception's message names every fragment (values, limits)."""
+    message = str(excinfo.value)
+    for fragment in fragments:
+        assert str(fragment) in message, f"{fragment!r} not in {message!r}"
+
+
+def settle():
+    """Collect garbage so dropped buffers in cycles release their storages."""
+    gc.collect()
