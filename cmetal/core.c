@@ -5,7 +5,8 @@
  * provide the primitives of cm_backend_t.
  *
  * Locks, always taken in this order when nested (never the reverse):
- *   cb->enc_lock  ->  dev->lock  ->  (backend residency primitives)
+ *   cb->enc_lock  ->  dev->submit_lock  ->  dev->lock  ->  (backend
+ *   residency primitives)
  *   dev->cb_lock and dev->ka_lock are leaves: nothing is taken under them.
  * A pool's lock is never held while dev->lock is taken, nor the reverse
  * (see pool.c). Storages are destroyed with no lock held, because
@@ -135,6 +136,7 @@ int cm_device_open(int backend, int flags, cm_device_t **out)
     atomic_init(&dev->cached_storages, 0);
     pthread_mutex_init(&dev->lock, NULL);
     pthread_mutex_init(&dev->cb_lock, NULL);
+    pthread_mutex_init(&dev->submit_lock, NULL);
     pthread_cond_init(&dev->cb_cond, NULL);
     pthread_mutex_init(&dev->ka_lock, NULL);
     pthread_cond_init(&dev->ka_cond, NULL);
@@ -147,6 +149,7 @@ int cm_device_open(int backend, int flags, cm_device_t **out)
     if (rc != CM_OK) {
         pthread_mutex_destroy(&dev->lock);
         pthread_mutex_destroy(&dev->cb_lock);
+        pthread_mutex_destroy(&dev->submit_lock);
         pthread_cond_destroy(&dev->cb_cond);
         pthread_mutex_destroy(&dev->ka_lock);
         pthread_cond_destroy(&dev->ka_cond);
@@ -217,6 +220,7 @@ static void device_destroy(cm_device_t *dev)
 
     pthread_mutex_destroy(&dev->lock);
     pthread_mutex_destroy(&dev->cb_lock);
+    pthread_mutex_destroy(&dev->submit_lock);
     pthread_cond_destroy(&dev->cb_cond);
     pthread_mutex_destroy(&dev->ka_lock);
     pthread_cond_destroy(&dev->ka_cond);
@@ -1478,8 +1482,10 @@ int cm_cmdbuf_commit(cm_cmdbuf_t *cb)
     /* The one point where staged residency changes are applied: whatever
      * was added since the last submission is resident before this runs. */
     uint64_t committed;
+    pthread_mutex_lock(&dev->submit_lock);
     rc = cm_residency_flush(dev, &committed);
     if (rc != CM_OK) {
+        pthread_mutex_unlock(&dev->submit_lock);
         pthread_mutex_unlock(&cb->enc_lock);
         return rc;
     }
@@ -1503,9 +1509,11 @@ int cm_cmdbuf_commit(cm_cmdbuf_t *cb)
         pthread_cond_broadcast(&dev->cb_cond);
         pthread_mutex_unlock(&dev->cb_lock);
         atomic_fetch_sub(&cb->refcount, 1);
+        pthread_mutex_unlock(&dev->submit_lock);
         pthread_mutex_unlock(&cb->enc_lock);
         return rc;
     }
+    pthread_mutex_unlock(&dev->submit_lock);
     pthread_mutex_unlock(&cb->enc_lock);
     keepalive_note_submit(dev);
     return CM_OK;

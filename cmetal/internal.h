@@ -236,6 +236,12 @@ struct cm_device {
     pthread_cond_t cb_cond;
     uint64_t submitted, completed;
 
+    /* Held from the residency flush through backend->submit, so command
+     * buffers reach the backend in the order of their seq numbers even
+     * when threads commit concurrently (a queue runs them in the order it
+     * receives them). Taken under cb->enc_lock, before dev->lock. */
+    pthread_mutex_t submit_lock;
+
     /* Keep-alive thread, guarded by ka_lock. */
     pthread_mutex_t ka_lock;
     pthread_cond_t ka_cond;

@@ -460,7 +460,7 @@ int cm_pool_alloc(cm_pool_t *pool, uint64_t byte_len, int zero, cm_alloc_result_
     if (pool == NULL || out == NULL)
         return cm__fail(CM_ERR_INVALID_ARGUMENT, "cm_pool_alloc: NULL argument");
     memset(out, 0, sizeof *out);
-    uint64_t cls;
+    uint64_t cls = 0;
     int rc = pool_class(pool->dev, byte_len, &cls);
     if (rc != CM_OK)
         return rc;

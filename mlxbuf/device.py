@@ -11,7 +11,7 @@ from mlxbuf._cmetal import ffi, lib
 from mlxbuf.buffer import Buffer, _int_arg, _result, _shape_arg, _shape_fits, _tls
 from mlxbuf.dtypes import _LOOKUP as _DTYPES
 from mlxbuf.dtypes import as_dtype
-from mlxbuf.errors import BufferAllocationError, DeviceNotFound, InvalidArgument, check, error_for
+from mlxbuf.errors import DeviceNotFound, InvalidArgument, check, error_for
 
 __all__ = ["Device", "DeviceStats", "default_device"]
 

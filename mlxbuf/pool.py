@@ -50,11 +50,16 @@ class BufferPool:
 
     Policy:
 
-    - A request of n bytes is served from its size class (``size_class(n)``):
-      page-granular classes with at most 12.5 % rounding waste for requests
-      of 4 KiB and up (see cmetal/pool.c); ``buffer.byte_len`` is the class size.
-    - A cached storage of the class is reused when there is one (a hit),
-      else a fresh, zero-filled one is allocated on the device (a miss).
+    - A request of n bytes is served from its size class (``size_class(n)``,
+      ``buffer.byte_len``): the smallest multiple of a granule at or above n.
+      Below 1 MiB the granule is 1/8 of n's power of two (at least 16 bytes):
+      8 classes per power of two, waste under 12.5 % from 128 bytes up.
+      From 1 MiB it is 1/64 of n's power of two (at least a page): waste
+      under 1.6 %, every class a whole number of pages. (The seed's
+      power-of-two buckets waste up to 100 %.)
+    - A cached storage of the class is reused when there is one (a hit,
+      newest first), else a fresh, zero-filled one is allocated on the
+      device (a miss).
     - A storage goes back to the cache only when its last reference dies:
       every clone, slice, view, numpy array and submitted command buffer
       using it. Two live buffers never share bytes.
@@ -63,9 +68,10 @@ class BufferPool:
     - Cached storages stay registered in the device's residency set, so
       steady-state churn costs no residency commits; they leave it when
       evicted or cleared.
-    - The cache holds at most ``cache_limit`` bytes (None: the C default,
-      which keeps at least a few dozen small storages); beyond it the oldest
-      cached storages are evicted first.
+    - The cache holds at most ``cache_limit`` bytes (None: a quarter of
+      the device's recommended working set, at most 1 GiB: thousands of
+      small scratch storages); beyond it the oldest cached storages, across
+      classes, are evicted first.
     - When the device runs out of memory (or hits its memory limit) C
       frees every pool cache and retries; Python then collects garbage once
       and retries once before raising BufferAllocationError.

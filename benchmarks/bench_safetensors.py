@@ -1,0 +1,117 @@
+"""Loading a safetensors file: mlxbuf's zero-copy mapping vs copying loaders.
+
+Run (never part of the plain test command):
+
+    python -m pytest benchmarks/bench_safetensors.py --benchmark-columns=min,median,mean,rounds
+
+The file (1 GiB by default, 64 f32 tensors) is generated once per session
+in a temporary directory; ``MLXBUF_BENCH_ST_BYTES`` overrides its size
+(e.g. ``MLXBUF_BENCH_ST_BYTES=64M``) for CI or a quick look. The file was
+just written, so it sits in the page cache: the copying loaders are timed
+on memory bandwidth, not disk, which flatters them. The "load" group runs
+its peers side by side; "first-touch" reads one mapped tensor right after
+mapping it, so every page faults in once (page-cache hits, no disk).
+"""
+
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+
+import mlxbuf
+
+N_TENSORS = 64
+_SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def _size_from_env():
+    text = os.environ.get("MLXBUF_BENCH_ST_BYTES", "1G").strip().upper().removesuffix("B").removesuffix("I")
+    unit = _SUFFIX.get(text[-1:], 1) if text[-1:].isalpha() else 1
+    number = text[:-1] if text[-1:].isalpha() else text
+    total = int(float(number) * unit)
+    if total < N_TENSORS * 4:
+        raise pytest.UsageError(f"MLXBUF_BENCH_ST_BYTES={total} is too small for {N_TENSORS} f32 tensors")
+    return total
+
+
+@pytest.fixture(scope="session")
+def st_file(tmp_path_factory):
+    """(path, total data bytes, tensor names), written in chunks so generating needs little memory."""
+    total = _size_from_env()
+    per = (total // N_TENSORS) // 4 * 4
+    header = {f"layer{i:02d}.weight": {"dtype": "F32", "shape": [per // 4], "data_offsets": [i * per, (i + 1) * per]} for i in range(N_TENSORS)}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path = tmp_path_factory.mktemp("bench") / f"model-{total}.safetensors"
+    chunk = np.random.default_rng(0).integers(0, 1 << 32, size=(1 << 22) // 4, dtype=np.uint32).view(np.float32)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        left = per * N_TENSORS
+        while left:
+            piece = memoryview(chunk).cast("B")[: min(left, chunk.nbytes)]
+            f.write(piece)
+            left -= len(piece)
+    return path, per * N_TENSORS, list(header)
+
+
+@pytest.fixture(scope="session")
+def device():
+    return mlxbuf.default_device()
+
+
+def _index_all(tensors, names):
+    # "Indexing": what a model loader does after opening, reaching every tensor.
+    return sum(tensors[name].nbytes for name in names)
+
+
+@pytest.mark.benchmark(group="safetensors-load")
+def test_mlxbuf_load_safetensors(benchmark, st_file, device):
+    path, nbytes, names = st_file
+
+    def run():
+        return _index_all(mlxbuf.load_safetensors(path, device), names)
+
+    assert benchmark(run) == nbytes
+    benchmark.extra_info["file_bytes"] = os.path.getsize(path)
+
+
+@pytest.mark.benchmark(group="safetensors-load")
+def test_safetensors_numpy_load_file(benchmark, st_file):
+    st_numpy = pytest.importorskip("safetensors.numpy", reason="the safetensors package is not installed")
+    path, nbytes, names = st_file
+
+    def run():
+        tensors = st_numpy.load_file(str(path))
+        return sum(tensors[name].nbytes for name in names)
+
+    assert benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=0) == nbytes
+
+
+@pytest.mark.benchmark(group="safetensors-load")
+def test_numpy_fromfile(benchmark, st_file):
+    path, nbytes, _ = st_file
+
+    def run():
+        return np.fromfile(path, dtype=np.uint8).nbytes
+
+    assert benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=0) >= nbytes
+
+
+@pytest.mark.benchmark(group="first-touch")
+def test_first_touch_read_of_a_mapped_tensor(benchmark, st_file, device):
+    path, nbytes, names = st_file
+    name = names[len(names) // 2]
+
+    def setup():
+        # A fresh mapping each round, so every page of the tensor faults once.
+        return (mlxbuf.load_safetensors(path, device)[name],), {}
+
+    def read(tensor):
+        return float(np.add.reduce(tensor.as_slice("u64", wait=False), dtype=np.uint64))
+
+    benchmark.pedantic(read, setup=setup, rounds=5, iterations=1)
+    tensor_bytes = nbytes // len(names)
+    benchmark.extra_info["tensor_bytes"] = tensor_bytes
+    benchmark.extra_info["GB_per_s_min"] = round(tensor_bytes / benchmark.stats.stats.min / 1e9, 2)
