@@ -8,7 +8,6 @@
 #include "interop.h"
 #include "internal.h"
 
-#include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -25,7 +24,7 @@ static int view_extent(int32_t ndim, const int64_t *shape, const int64_t *stride
     for (int32_t i = 0; i < ndim; i++) {
         if (shape[i] < 0)
             return cm__fail(CM_ERR_INVALID_ARGUMENT,
-                            "shape[%d] is %" PRId64 ": dimensions must be >= 0", i, shape[i]);
+                            "shape[%d] is %lld: dimensions must be >= 0", i, (long long)shape[i]);
         if (__builtin_mul_overflow(n, shape[i], &n))
             return cm__fail(CM_ERR_INVALID_ARGUMENT,
                             "shape overflows 64 bits at dimension %d", i);
@@ -35,8 +34,8 @@ static int view_extent(int32_t ndim, const int64_t *shape, const int64_t *stride
             int64_t step;
             if (__builtin_mul_overflow(shape[i] - 1, strides[i], &step))
                 return cm__fail(CM_ERR_INVALID_ARGUMENT,
-                                "stride %" PRId64 " of dimension %d overflows 64 bits",
-                                strides[i], i);
+                                "stride %lld of dimension %d overflows 64 bits",
+                                (long long)strides[i], i);
             if (step >= 0 ? __builtin_add_overflow(high, step, &high)
                           : __builtin_add_overflow(low, step, &low))
                 return cm__fail(CM_ERR_INVALID_ARGUMENT, "strides overflow 64 bits");
@@ -151,15 +150,14 @@ int cm_dlpack_export(cm_storage_t *s, const cm_dlpack_view_t *view, int versione
         if (first > view->byte_offset || last > info.byte_len) {
             char cap[32];
             return cm__fail(CM_ERR_INVALID_ARGUMENT,
-                            "view of %" PRIu64 " elements at byte %" PRIu64
-                            " reaches outside the %s storage",
-                            count, view->byte_offset,
+                            "view of %llu elements at byte %llu reaches outside the %s storage",
+                            (unsigned long long)count, (unsigned long long)view->byte_offset,
                             cm__fmt_bytes(info.byte_len, cap, sizeof cap));
         }
     } else if (view->byte_offset > info.byte_len) {
         return cm__fail(CM_ERR_INVALID_ARGUMENT,
-                        "view offset %" PRIu64 " is beyond the %" PRIu64 "-byte storage",
-                        view->byte_offset, info.byte_len);
+                        "view offset %llu is beyond the %llu-byte storage",
+                        (unsigned long long)view->byte_offset, (unsigned long long)info.byte_len);
     }
 
     void *data;
@@ -303,8 +301,8 @@ int cm_dlpack_describe(void *managed, int versioned, cm_dlpack_import_info_t *in
         return rc;
     uint64_t itemsize = (uint64_t)t->dtype.bits / 8 * t->dtype.lanes;
     if (__builtin_mul_overflow(count, itemsize, &info->nbytes))
-        return cm__fail(CM_ERR_INVALID_ARGUMENT, "DLPack tensor of %" PRIu64 " elements overflows 64 bits",
-                        count);
+        return cm__fail(CM_ERR_INVALID_ARGUMENT, "DLPack tensor of %llu elements overflows 64 bits",
+                        (unsigned long long)count);
     info->contiguous = is_c_contiguous(t->ndim, t->shape, t->strides);
     return CM_OK;
 }
@@ -346,8 +344,8 @@ int cm_dlpack_import(cm_device_t *dev, void *managed, int versioned, int writabl
     case kDLCUDAHost:
     case kDLROCMHost: {
         if (t->data == NULL)
-            return cm__fail(CM_ERR_INVALID_ARGUMENT, "DLPack tensor of %" PRIu64 " bytes has no data",
-                            info->nbytes);
+            return cm__fail(CM_ERR_INVALID_ARGUMENT, "DLPack tensor of %llu bytes has no data",
+                            (unsigned long long)info->nbytes);
         uint8_t *start = (uint8_t *)t->data + t->byte_offset;
         rc = cm_storage_wrap_external(dev, start, info->nbytes, writable, release, managed, out);
         if (rc)
@@ -367,9 +365,9 @@ int cm_dlpack_import(cm_device_t *dev, void *managed, int versioned, int writabl
         if (__builtin_add_overflow(t->byte_offset, info->nbytes, &end) || end > out->byte_len) {
             char cap[32];
             int status = cm__fail(CM_ERR_INVALID_ARGUMENT,
-                                  "kDLMetal tensor of %" PRIu64 " bytes at byte %" PRIu64
-                                  " reaches outside its %s MTLBuffer",
-                                  info->nbytes, t->byte_offset,
+                                  "kDLMetal tensor of %llu bytes at byte %llu reaches outside its %s MTLBuffer",
+                                  (unsigned long long)info->nbytes,
+                                  (unsigned long long)t->byte_offset,
                                   cm__fmt_bytes(out->byte_len, cap, sizeof cap));
             cm_storage_release(out->storage);
             memset(out, 0, sizeof *out);

@@ -103,16 +103,20 @@ def _churn(dev, number):
     shape = (SCRATCH_BYTES // 4,)
     f32 = np.float32
     pool.alloc(SCRATCH_BYTES, "f32", shape)  # one storage cached
+    names = {"np": np, "f32": f32, "shape": shape, "pool": pool, "dev": dev, "n": SCRATCH_BYTES}
     cases = [
-        ("numpy.empty", lambda: np.empty(shape, f32)),
-        ("numpy.zeros", lambda: np.zeros(shape, f32)),
-        ("BufferPool.alloc", lambda: pool.alloc(SCRATCH_BYTES, "f32", shape)),
-        ("Device.alloc_buffer", lambda: dev.alloc_buffer(SCRATCH_BYTES, "f32", shape)),
+        ("numpy.empty", "np.empty(shape, f32)"),
+        ("numpy.zeros", "np.zeros(shape, f32)"),
+        ("BufferPool.alloc", "pool.alloc(n, 'f32', shape)"),
+        ("Device.alloc_buffer", "dev.alloc_buffer(n, 'f32', shape)"),
     ]
-    results = {}
-    for name, fn in cases:
-        best = min(timeit.repeat(fn, number=number, repeat=5)) / number
-        results[name] = best * 1e9
+    results = {name: float("inf") for name, _ in cases}
+    # Interleaved rounds, best of each: other processes' load hits every
+    # case alike instead of skewing one ratio.
+    for _ in range(5):
+        for name, stmt in cases:
+            seconds = timeit.timeit(stmt, globals=names, number=number)
+            results[name] = min(results[name], seconds / number * 1e9)
     base = results["numpy.empty"]
     for name, ns in results.items():
         print(f"{name:<22}{ns:8.0f} ns/op   {ns / base:5.2f}x numpy.empty")

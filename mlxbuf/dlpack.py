@@ -15,7 +15,8 @@ Export (``Buffer.__dlpack__``)
   offset (plus the storage's offset inside the MTLBuffer) as
   ``byte_offset``, the convention of PyTorch MPS and MLX; ``dl_device=(1,
   0)`` exports the same memory as kDLCPU through the shared contents
-  pointer, still without a copy.
+  pointer, still without a copy. numpy cannot read kDLMetal, so on Metal
+  use ``numpy.from_dlpack(buf, device="cpu")`` (or ``buf.numpy()``).
 - Synchronisation: mlxbuf has no stream a consumer could order work on, so
   ``stream=None`` (the default) waits for every submitted command buffer
   that writes the storage before exporting: the consumer sees finished

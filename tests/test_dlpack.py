@@ -66,6 +66,12 @@ class LegacyProducer(Producer):
         return self.capsule
 
 
+def np_view(x, **kwargs):
+    """numpy's view of a DLPack producer. device="cpu" asks for dl_device=(1, 0):
+    numpy cannot read a kDLMetal tensor, Metal buffers offer their CPU address."""
+    return np.from_dlpack(x, device="cpu", **kwargs)
+
+
 def filled(device, shape=(4, 6), dtype="f32"):
     dt = mlxbuf.as_dtype(dtype)
     n = int(np.prod(shape))
@@ -85,7 +91,7 @@ def test_dlpack_device(device):
 
 def test_numpy_from_dlpack_aliases(device):
     buf = filled(device)
-    arr = np.from_dlpack(buf)
+    arr = np_view(buf)
     assert arr.ctypes.data == buf.data_ptr
     assert arr.shape == buf.shape and arr.dtype == np.float32
     arr[1, 2] = 42
@@ -94,10 +100,17 @@ def test_numpy_from_dlpack_aliases(device):
     assert arr[3, 5] == -1
 
 
+def test_plain_numpy_from_dlpack_on_host(host_device):
+    buf = filled(host_device)
+    arr = np.from_dlpack(buf)
+    assert arr.ctypes.data == buf.data_ptr
+    np.testing.assert_array_equal(arr, buf.numpy())
+
+
 def test_numpy_from_dlpack_honours_the_view_offset(device):
     buf = filled(device, (64,), "i32")
     view = buf.slice_view(40, 5).view(shape=(5, 1))
-    arr = np.from_dlpack(view)
+    arr = np_view(view)
     assert arr.ctypes.data == buf.data_ptr + 40
     np.testing.assert_array_equal(arr[:, 0], buf.numpy()[10:15])
 
@@ -105,7 +118,7 @@ def test_numpy_from_dlpack_honours_the_view_offset(device):
 def test_numpy_array_keeps_storage_alive(device):
     buf = filled(device)
     expected = buf.numpy().copy()
-    arr = np.from_dlpack(buf)
+    arr = np_view(buf)
     live = device.stats().live_storages
     del buf
     gc.collect()
@@ -120,7 +133,7 @@ def test_numpy_array_keeps_storage_alive(device):
 @pytest.mark.parametrize("dtype", NUMPY_DTYPES)
 def test_every_dtype_through_numpy(device, dtype):
     buf = filled(device, (3, 5), dtype)
-    np.testing.assert_array_equal(np.from_dlpack(buf), buf.numpy())
+    np.testing.assert_array_equal(np_view(buf), buf.numpy())
 
 
 def test_capsule_kinds_follow_max_version(device):
@@ -157,7 +170,7 @@ def test_exported_tensor_fields(device):
 def test_zero_dim_export(device):
     buf = filled(device, (), "i64")
     buf.numpy()[()] = 77
-    arr = np.from_dlpack(buf)
+    arr = np_view(buf)
     assert arr.shape == () and arr[()] == 77
 
 
@@ -190,7 +203,7 @@ def test_unconsumed_capsule_alone_keeps_and_then_frees_the_storage(device):
 @pytest.mark.parametrize("max_version", [None, (1, 0)])
 def test_consumed_capsule_is_left_to_its_consumer(device, max_version):
     buf = filled(device)
-    cap = buf.__dlpack__(max_version=max_version)
+    cap = buf.__dlpack__(max_version=max_version, dl_device=(1, 0))
     arr = np.from_dlpack(Producer(cap))
     assert capsule_name(cap).startswith("used_")
     assert refcount(buf) == 2
@@ -205,7 +218,7 @@ def test_consumed_capsule_is_left_to_its_consumer(device, max_version):
 
 def test_deleter_runs_from_another_thread(device):
     buf = filled(device)
-    holder = [np.from_dlpack(buf)]
+    holder = [np_view(buf)]
     t = threading.Thread(target=holder.clear)
     t.start()
     t.join()
@@ -219,7 +232,7 @@ def test_read_only_storage(device, tmp_path):
     buf = device.map_file(path, dtype="f32")
     cap = buf.__dlpack__(max_version=(1, 0))
     assert managed(cap).flags & lib.CM_DLPACK_FLAG_READ_ONLY
-    arr = np.from_dlpack(buf)  # numpy asks for a versioned capsule
+    arr = np_view(buf)  # numpy asks for a versioned capsule
     assert arr.ctypes.data == buf.data_ptr
     assert not arr.flags.writeable
     # A legacy capsule cannot say read-only: a copy, or BufferError with copy=False.
@@ -233,7 +246,7 @@ def test_read_only_storage(device, tmp_path):
 
 def test_copy_true_exports_a_copy(device):
     buf = filled(device)
-    cap = buf.__dlpack__(max_version=(1, 0), copy=True)
+    cap = buf.__dlpack__(max_version=(1, 0), dl_device=(1, 0), copy=True)
     m = managed(cap)
     assert m.flags & lib.CM_DLPACK_FLAG_IS_COPIED
     arr = np.from_dlpack(Producer(cap))
@@ -241,12 +254,12 @@ def test_copy_true_exports_a_copy(device):
     np.testing.assert_array_equal(arr, buf.numpy())
     arr[0, 0] = 99
     assert buf.numpy()[0, 0] != 99
-    assert np.from_dlpack(buf, copy=True).ctypes.data != buf.data_ptr
+    assert np_view(buf, copy=True).ctypes.data != buf.data_ptr
 
 
 def test_copy_false_is_served_zero_copy(device):
     buf = filled(device)
-    assert np.from_dlpack(buf, copy=False).ctypes.data == buf.data_ptr
+    assert np_view(buf, copy=False).ctypes.data == buf.data_ptr
 
 
 def test_dl_device(device):
@@ -280,7 +293,7 @@ def test_export_waits_for_submitted_writers(device):
     enc = device.command_encoder()
     enc.fill(buf, 0x77)
     enc.commit()
-    arr = np.from_dlpack(buf)
+    arr = np_view(buf)
     assert (arr == 0x77).all()
     enc.wait()
 
@@ -304,7 +317,7 @@ def test_export_matches_numpy_view(dtype, shape, offset_elems, versioned):
     buf = dev.alloc_buffer((n + offset_elems) * dt.size + 8, "u8", ((n + offset_elems) * dt.size + 8,))
     buf.numpy()[:] = np.arange(buf.nbytes) % 2
     view = buf.view(dt, (n + offset_elems,)).slice_view(offset_elems * dt.size, n).view(shape=shape)
-    arr = np.from_dlpack(Producer(view.__dlpack__(max_version=(1, 0) if versioned else None)))
+    arr = np.from_dlpack(Producer(view.__dlpack__(max_version=(1, 0) if versioned else None, dl_device=(1, 0))))
     np.testing.assert_array_equal(arr, view.numpy())
     if n:
         assert arr.ctypes.data == view.data_ptr
@@ -406,9 +419,9 @@ def test_from_dlpack_same_device_clones(device):
 
 def test_from_dlpack_legacy_producer_and_raw_capsule(host_device, other_device):
     src = filled(other_device)
-    buf = mlxbuf.from_dlpack(LegacyProducer(src.__dlpack__()), device=host_device)
+    buf = mlxbuf.from_dlpack(LegacyProducer(src.__dlpack__(dl_device=(1, 0))), device=host_device)
     np.testing.assert_array_equal(buf.numpy(), src.numpy())
-    cap = src.__dlpack__(max_version=(1, 0))
+    cap = src.__dlpack__(max_version=(1, 0), dl_device=(1, 0))
     buf2 = mlxbuf.from_dlpack(cap, device=host_device)
     assert capsule_name(cap) == "used_dltensor_versioned"
     with pytest.raises(BufferError) as excinfo:
@@ -513,3 +526,24 @@ def test_capsules_alive_at_interpreter_exit():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
     assert proc.stderr == ""
+
+
+def test_bf16_round_trip_between_devices(device, other_device):
+    bits = np.array([0x3F80, 0x4000, 0xC040, 0x0000], dtype=np.uint16)
+    buf = device.from_numpy(bits, copy=True).view("bf16")
+    again = mlxbuf.from_dlpack(buf, device=other_device)
+    assert again.dtype is mlxbuf.DType.BF16
+    np.testing.assert_array_equal(again.as_slice("u16"), bits)
+
+
+def test_kdlmetal_tensor_on_a_host_device_is_refused(host_device, other_device):
+    src = filled(other_device)
+    cap = src.__dlpack__(max_version=(1, 0))
+    managed(cap).dl_tensor.device.device_type = lib.kDLMetal
+    with pytest.raises(BufferError) as excinfo:
+        mlxbuf.from_dlpack(cap, device=host_device, copy=False)
+    assert_names(excinfo, "kDLMetal", "host")
+    with pytest.raises(BufferError) as excinfo:
+        mlxbuf.from_dlpack(cap, device=host_device)
+    assert_names(excinfo, "device type 8")
+    assert capsule_name(cap) == "dltensor_versioned"

@@ -1,0 +1,45 @@
+"""build_ffi.py: the cdef is the real header minus what cffi cannot parse."""
+
+import importlib.util
+import os
+
+from cffi import FFI
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_build_module():
+    spec = importlib.util.spec_from_file_location("mlxbuf_build_ffi", os.path.join(ROOT, "build_ffi.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cdef_source_keeps_integer_defines_and_drops_the_rest():
+    build = load_build_module()
+    text = "\n".join([
+        "#ifndef X_H", "#define X_H", "#include <stdint.h>",
+        "#ifdef __cplusplus", 'extern "C" {', "#endif",
+        "#define X_ONE 1    /* one */", "#define X_HEX 0x10", "#define X_NEG -3",
+        "#define X_EXPR (1 << 2)", "typedef struct { int a; } x_t;", "int x_f(x_t *p);",
+        "#ifdef __cplusplus", "}", "#endif", "#endif",
+    ])
+    out = build.cdef_source(text)
+    assert "#define X_ONE 1" in out and "#define X_HEX 0x10" in out and "#define X_NEG -3" in out
+    assert "X_EXPR" not in out and "#include" not in out and "#ifdef" not in out
+    assert 'extern "C"' not in out
+    assert "typedef struct { int a; } x_t;" in out
+    ffi = FFI()
+    ffi.cdef(out)
+    assert ffi.sizeof("x_t") == 4
+
+
+def test_every_header_parses_and_every_source_exists():
+    build = load_build_module()
+    ffi = FFI()
+    ffi.cdef(build.read_cdef())
+    assert build.HEADERS[0] == "cmetal/cmetal.h"
+    for src in build.SOURCES:
+        assert os.path.exists(os.path.join(ROOT, src))
+    assert "cmetal/core.c" in build.SOURCES and "cmetal/host.c" in build.SOURCES
+    assert build.MODULE_NAME == "mlxbuf._cmetal"
