@@ -99,6 +99,10 @@ def make_builder(root=None):
         extra_compile_args=COMPILE_ARGS,
         extra_link_args=LINK_ARGS,
         libraries=LIBRARIES,
+        # Other C sources include Python.h without the limited API, and the
+        # in-place build and setuptools must name the file alike (or a stale
+        # copy of one shadows the other).
+        py_limited_api=False,
     )
     return builder
 

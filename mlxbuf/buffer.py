@@ -119,13 +119,14 @@ def _prepare(byte_len, dtype, shape):
 def _adopt(cls, device, res, dt, shape):
     """A Buffer owning the one C reference in ``res`` (an allocation result)."""
     storage = res.storage
+    contents = res.contents
     byte_len = res.byte_len
     buf = _new(cls)
     buf._device = device
     buf._storage = storage
     # The default arguments bind the release function and the handle, so the
     # destructor still works while the interpreter tears modules down.
-    buf._mem = _gc(res.contents, lambda _p, _s=storage, _r=_release: _r(_s), byte_len)
+    buf._mem = _gc(contents, lambda _p, _s=storage, _r=_release: _r(_s), byte_len)
     buf._dtype = dt
     buf._shape = shape
     buf._byte_offset = 0
@@ -431,6 +432,9 @@ class Buffer:
         }
 
     def __array__(self, dtype=None, copy=None):
+        """numpy's conversion hook (used for bf16, which the array interface
+        cannot describe): the zero-copy view unless a dtype change or
+        ``copy=True`` asks for a copy."""
         arr = self.numpy()
         if dtype is not None and np.dtype(dtype) != arr.dtype:
             if copy is False:

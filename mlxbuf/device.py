@@ -34,6 +34,7 @@ class DeviceStats:
 
     ``active_bytes`` counts live device-owned storages, pool caches included
     (``cached_bytes`` is that part); external storages are not counted.
+    An immutable value, safe to share between threads.
     """
 
     active_bytes: int
@@ -77,6 +78,15 @@ def _parse_bytes_env(name, text):
     return value
 
 
+def _float_arg(value, what):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            return float(value.__float__())
+        except (AttributeError, TypeError, ValueError):
+            raise InvalidArgument(f"{what} must be a number, got {value!r}") from None
+    return float(value)
+
+
 def _requested_backend(backend):
     if not isinstance(backend, str) or backend.lower() not in _BACKENDS:
         raise InvalidArgument(f"unknown backend {backend!r}; expected one of 'auto', 'host', 'metal'")
@@ -97,11 +107,12 @@ _open_devices = weakref.WeakSet()
 
 @atexit.register
 def _synchronize_open_devices():
+    pid = os.getpid()
     for dev in list(_open_devices):
-        try:
+        # A device inherited through fork has no worker thread here: waiting
+        # on it would wait for completions that never come.
+        if dev._pid == pid:
             lib.cm_device_synchronize(dev._handle)
-        except Exception:
-            pass
 
 
 class Device:
@@ -119,7 +130,7 @@ class Device:
     use from any thread.
     """
 
-    __slots__ = ("_handle", "_info", "__weakref__")
+    __slots__ = ("_handle", "_info", "_pid", "__weakref__")
 
     def __init__(self, backend="auto", *, residency=None):
         wanted = _requested_backend(backend)
@@ -148,6 +159,7 @@ class Device:
         info = ffi.new("cm_device_info_t *")
         check(lib.cm_device_info(handle, info))
         self._info = info
+        self._pid = os.getpid()
         _open_devices.add(self)
 
     def _apply_env(self):
@@ -306,11 +318,15 @@ class Device:
         status = _storage_alloc(self._handle, byte_len, res)
         if status:
             self._alloc_failed(status, byte_len, res)
+        # Read the shared per-thread result before allocating Python objects:
+        # an allocation can run the garbage collector, whose finalizers may
+        # allocate (and so overwrite res) on this thread.
         storage = res.storage
+        contents = res.contents
         buf = _new(Buffer)
         buf._device = self
         buf._storage = storage
-        buf._mem = _gc(res.contents, lambda _p, _s=storage, _r=_release: _r(_s), byte_len)
+        buf._mem = _gc(contents, lambda _p, _s=storage, _r=_release: _r(_s), byte_len)
         buf._dtype = dt
         buf._shape = shape
         buf._byte_offset = 0
@@ -335,11 +351,14 @@ class Device:
     def set_residency_keepalive(self, seconds, interval=None):
         """Keep residency requested for ``seconds`` after each submission,
         re-requesting every ``interval`` seconds (default: a quarter of
-        ``seconds``, at most 1 s); ``seconds=0`` switches it off."""
-        seconds = float(seconds)
+        ``seconds``, between 1 ms and 1 s) from a background thread that
+        sleeps while there is nothing to keep alive; ``seconds=0`` switches
+        it off. Off by default."""
+        seconds = _float_arg(seconds, "keep-alive seconds")
         if interval is None:
-            interval = min(seconds / 4, 1.0) if seconds > 0 else 0.0
-        check(lib.cm_residency_set_keepalive(self._handle, seconds, float(interval)))
+            interval = min(max(seconds / 4, 0.001), 1.0) if seconds > 0 else 0.0
+        interval = _float_arg(interval, "keep-alive interval")
+        check(lib.cm_residency_set_keepalive(self._handle, seconds, interval))
 
     def compile_library(self, source, name="library"):
         """Compile Metal Shading Language source into a Library.
@@ -367,7 +386,9 @@ class Device:
 
 
 _default_lock = threading.Lock()
-_default = {}  # pid -> Device: a forked child opens its own
+# pid -> Device. A forked child opens its own and never releases the
+# parent's, whose queue thread did not survive the fork.
+_default = {}
 
 
 def default_device():
@@ -382,6 +403,5 @@ def default_device():
         with _default_lock:
             dev = _default.get(pid)
             if dev is None:
-                _default.clear()
                 dev = _default[pid] = Device("auto")
     return dev

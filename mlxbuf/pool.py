@@ -27,6 +27,7 @@ class PoolStats:
     ``in_use_bytes`` (size-class bytes of pooled storages alive outside the
     cache), ``requested_bytes`` (what was asked for them, before rounding)
     and ``free_bytes`` (size-class bytes idle in the cache).
+    An immutable value, safe to share between threads.
     """
 
     free_count: int
@@ -143,12 +144,15 @@ class BufferPool:
         status = _pool_alloc(handle, byte_len, 1 if zero else 0, res)
         if status:
             self._alloc_failed(status, handle, byte_len, zero, res)
+        # Read the shared per-thread result before allocating Python objects
+        # (see Device.alloc_buffer).
         storage = res.storage
+        contents = res.contents
         class_len = res.byte_len
         buf = _new(Buffer)
         buf._device = self._device
         buf._storage = storage
-        buf._mem = _gc(res.contents, lambda _p, _s=storage, _r=_release: _r(_s), class_len)
+        buf._mem = _gc(contents, lambda _p, _s=storage, _r=_release: _r(_s), class_len)
         buf._dtype = dt
         buf._shape = shape
         buf._byte_offset = 0

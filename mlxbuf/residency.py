@@ -10,7 +10,10 @@ __all__ = ["ResidencySet", "ResidencyInfo", "ShardInfo"]
 
 @dataclasses.dataclass(frozen=True)
 class ShardInfo:
-    """One residency shard (one MTLResidencySet on Metal) at a point in time."""
+    """One residency shard (one MTLResidencySet on Metal) at a point in time.
+
+    An immutable value, safe to share between threads.
+    """
 
     index: int
     allocation_count: int
@@ -26,7 +29,7 @@ class ResidencyInfo:
 
     ``staged_adds``/``staged_removes`` count every add/remove staged since
     the device opened; ``keepalive_requests`` the re-requests the keep-alive
-    thread made.
+    thread made. An immutable value, safe to share between threads.
     """
 
     enabled: bool

@@ -214,3 +214,14 @@ def test_residency_repr_and_info(device, rs):
 def test_contains_foreign_buffer_is_false(device, other_device, rs):
     foreign = other_device.alloc_buffer(4096, "u8", (1,))
     assert rs.contains(foreign) is False
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [(("soon",), ["'soon'"]), ((-1,), ["-1"]), ((1, 0), ["interval", "0"]), ((1, "x"), ["'x'"])],
+)
+def test_keepalive_arguments(device, rs, args, fragments):
+    with pytest.raises(mlxbuf.InvalidArgument) as exc:
+        device.set_residency_keepalive(*args)
+    assert_names(exc, *fragments)
+    assert rs.keepalive[0] == 0
