@@ -118,15 +118,19 @@ def _prepare(byte_len, dtype, shape):
 
 def _adopt(cls, device, res, dt, shape):
     """A Buffer owning the one C reference in ``res`` (an allocation result)."""
+    # Read every field before creating a GC-tracked object: cdata and int
+    # reads cannot start a collection, object creation can, and a finalizer
+    # allocating on this thread would reuse the per-thread result struct.
     storage = res.storage
     contents = res.contents
     byte_len = res.byte_len
     buf = _new(cls)
     buf._device = device
-    buf._storage = storage
-    # The default arguments bind the release function and the handle, so the
-    # destructor still works while the interpreter tears modules down.
-    buf._mem = _gc(contents, lambda _p, _s=storage, _r=_release: _r(_s), byte_len)
+    # The C function itself is the destructor: no Python frame runs when the
+    # last reference dies, so it also works while the interpreter tears
+    # modules down.
+    buf._storage = _gc(storage, _release, byte_len)
+    buf._contents = contents
     buf._dtype = dt
     buf._shape = shape
     buf._byte_offset = 0
@@ -152,7 +156,17 @@ class Buffer:
     the bytes need the caller's own synchronisation.
     """
 
-    __slots__ = ("_device", "_storage", "_mem", "_dtype", "_shape", "_byte_offset", "_byte_len", "__weakref__")
+    # _storage: the cm_storage_t* cdata, ffi.gc'd to drop Python's one C
+    #   reference; shared by every Buffer over the storage.
+    # _contents: the storage's base address (a non-owning uint8_t* cdata);
+    #   the allocation hot paths leave it unset and _base() reads it from C
+    #   on first use.
+    # _mem: made on first CPU view by _memory(); unset until then, which
+    #   keeps allocation free of a second ffi.gc and a Python destructor.
+    __slots__ = (
+        "_device", "_storage", "_contents", "_mem", "_dtype", "_shape", "_byte_offset", "_byte_len",
+        "__weakref__",
+    )
 
     def __init__(self, *args, **kwargs):
         raise TypeError(
@@ -173,7 +187,7 @@ class Buffer:
         if not isinstance(contents, ffi.CData) or ffi.typeof(contents) != _UINT8_PTR:
             contents = ffi.cast(_UINT8_PTR, contents)
         # Own the reference before validating, so a bad argument releases it.
-        mem = _gc(contents, lambda _p, _s=storage, _r=_release: _r(_s), byte_len)
+        storage = _gc(storage, _release, byte_len)
         dt = _dtype_arg(dtype)
         shape, count = _shape_arg(shape)
         byte_offset = _int_arg(byte_offset, "byte_offset")
@@ -184,7 +198,7 @@ class Buffer:
         buf = _new(cls)
         buf._device = device
         buf._storage = storage
-        buf._mem = mem
+        buf._contents = contents
         buf._dtype = dt
         buf._shape = shape
         buf._byte_offset = byte_offset
@@ -196,7 +210,11 @@ class Buffer:
         buf = _new(type(self))
         buf._device = self._device
         buf._storage = self._storage
-        buf._mem = self._mem
+        try:
+            buf._contents = self._contents
+            buf._mem = self._mem
+        except AttributeError:
+            pass
         buf._dtype = dt
         buf._shape = shape
         buf._byte_offset = byte_offset
@@ -243,12 +261,12 @@ class Buffer:
     @property
     def contents_ptr(self):
         """CPU address of the allocation base, as an int."""
-        return int(ffi.cast("uintptr_t", self._mem))
+        return int(ffi.cast("uintptr_t", self._base()))
 
     @property
     def data_ptr(self):
         """CPU address of this view's first byte (contents_ptr + byte_offset)."""
-        return int(ffi.cast("uintptr_t", self._mem)) + self._byte_offset
+        return int(ffi.cast("uintptr_t", self._base())) + self._byte_offset
 
     @property
     def device(self):
@@ -302,7 +320,7 @@ class Buffer:
         """A new allocation on the same device with a copy of the whole storage's bytes."""
         self.wait_idle()
         other = self._device.alloc_buffer(self._byte_len, "u8", (self._byte_len,))
-        ffi.memmove(other._mem, self._mem, self._byte_len)
+        ffi.memmove(other._memory(), self._memory(), self._byte_len)
         return other._derive(self._dtype, self._shape, self._byte_offset)
 
     def slice_view(self, byte_offset, n_elements):
@@ -365,11 +383,29 @@ class Buffer:
         """Block until no submitted command buffer writes this storage."""
         check(lib.cm_storage_wait_idle(self._storage))
 
+    def _memory(self):
+        """The owning ``uint8_t *`` cdata over the whole storage.
+
+        Its destructor's closure holds the storage handle, so whatever is
+        built on it (ffi.buffer, numpy arrays, memoryviews) keeps the storage
+        alive; a pointer derived from it would not.
+        """
+        try:
+            return self._mem
+        except AttributeError:
+            mem = self._mem = _gc(self._base(), lambda _p, _keep=self._storage: None)
+            return mem
+
+    def _base(self):
+        """The storage's base address as a non-owning ``uint8_t *`` cdata."""
+        try:
+            return self._contents
+        except AttributeError:
+            contents = self._contents = self._info().contents
+            return contents
+
     def _bytes_buffer(self):
-        # ffi.buffer keeps self._mem (the owning cdata) alive, so whatever is
-        # built on it keeps the storage alive; a pointer derived from _mem
-        # would not.
-        return ffi.buffer(self._mem, self._byte_len)
+        return ffi.buffer(self._memory(), self._byte_len)
 
     def numpy(self, wait=True):
         """A zero-copy numpy array of this view: its shape and dtype, offset honoured.

@@ -322,11 +322,9 @@ class Device:
         # an allocation can run the garbage collector, whose finalizers may
         # allocate (and so overwrite res) on this thread.
         storage = res.storage
-        contents = res.contents
         buf = _new(Buffer)
         buf._device = self
-        buf._storage = storage
-        buf._mem = _gc(contents, lambda _p, _s=storage, _r=_release: _r(_s), byte_len)
+        buf._storage = _gc(storage, _release, byte_len)
         buf._dtype = dt
         buf._shape = shape
         buf._byte_offset = 0

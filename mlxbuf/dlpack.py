@@ -107,7 +107,7 @@ def _copy_of(buf):
     nbytes = buf.nbytes
     out = buf.device.alloc_buffer(max(nbytes, buf.dtype.size), buf.dtype, buf.shape)
     if nbytes:
-        ffi.memmove(out._mem, ffi.cast("uint8_t *", buf._mem) + buf.byte_offset, nbytes)
+        ffi.memmove(out._memory(), ffi.cast("uint8_t *", buf._memory()) + buf.byte_offset, nbytes)
     return out
 
 

@@ -147,12 +147,10 @@ class BufferPool:
         # Read the shared per-thread result before allocating Python objects
         # (see Device.alloc_buffer).
         storage = res.storage
-        contents = res.contents
         class_len = res.byte_len
         buf = _new(Buffer)
         buf._device = self._device
-        buf._storage = storage
-        buf._mem = _gc(contents, lambda _p, _s=storage, _r=_release: _r(_s), class_len)
+        buf._storage = _gc(storage, _release, class_len)
         buf._dtype = dt
         buf._shape = shape
         buf._byte_offset = 0
