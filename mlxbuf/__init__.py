@@ -7,7 +7,7 @@ Quick start::
     buf = dev.alloc_buffer(4096, "f32", (1024,))
     arr = buf.numpy()          # zero-copy, aliases the buffer's bytes
 
-See DESIGN.md and API.md for the semantics.
+See README.md for a tour; every public name has a docstring.
 """
 
 __version__ = "0.1.0"
