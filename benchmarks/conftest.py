@@ -13,6 +13,8 @@ K/M/G suffixes:
 - ``MLXBUF_BENCH_CHURN_SIZES`` — churn sizes, default ``4K,1M``.
 - ``MLXBUF_BENCH_LIVE`` — live-buffer counts of the scaling group,
   default ``100,10k,100k`` (100k live 4 KiB buffers hold 400 MiB).
+- ``MLXBUF_BENCH_STAGE_N`` — N of the residency stage-and-flush group,
+  default ``1,100,1000``.
 - ``MLXBUF_BACKEND`` — the device benchmarked (``host`` or ``metal``), as
   for ``mlxbuf.default_device()``.
 """
