@@ -16,7 +16,7 @@
 #   branch of metal.m).
 # Any diagnostic fails the check (-Werror, and any output at all counts).
 # CLANG overrides the compiler (default clang-19). See
-# /work/shared/METAL_FACTS.md section 2 for why each flag is there.
+# METAL_FACTS.md (the team's Metal facts sheet) section 2 for why each flag is there.
 set -u
 
 here=$(cd "$(dirname "$0")" && pwd)

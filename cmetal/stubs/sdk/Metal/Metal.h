@@ -2,7 +2,7 @@
  * Stub of <Metal/Metal.h> for the Linux type-check of cmetal/*.m (see
  * ../../README.md). Declares exactly what metal.m sends, with the SDK's
  * types, nullability, enum raw values and availability; never used to
- * build. Sources: /work/shared/METAL_FACTS.md, metal-cpp for macOS 15 and
+ * build. Sources: METAL_FACTS.md (the team's Metal facts sheet), metal-cpp for macOS 15 and
  * 26 (MTLHeaderBridge.hpp selector strings, MTL*.hpp signatures).
  */
 #ifndef MLXBUF_STUB_METAL_H
