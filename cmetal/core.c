@@ -141,6 +141,7 @@ int cm_device_open(int backend, int flags, cm_device_t **out)
     pthread_mutex_init(&dev->ka_lock, NULL);
     pthread_cond_init(&dev->ka_cond, NULL);
     dev->backend = be;
+    dev->pid = getpid();
     dev->ka_interval = 1.0;
     dev->ka_last_submit = -1.0;
 
@@ -199,6 +200,13 @@ void cm__device_retain(cm_device_t *dev)
 
 static void device_destroy(cm_device_t *dev)
 {
+    /* In a child forked from the process that opened the device, the queue
+     * and keep-alive threads did not survive the fork: joining them, or
+     * destroying the condition variables they waited on (glibc waits for
+     * the waiters), would hang the child's exit. Leave the record to the
+     * child's exit instead. */
+    if (getpid() != dev->pid)
+        return;
     pthread_mutex_lock(&dev->ka_lock);
     dev->ka_stop = true;
     bool started = dev->ka_started;

@@ -17,6 +17,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
+#include <sys/types.h>
 
 #if defined(__GNUC__) || defined(__clang__)
 #define CM_PRINTF(fmt, args) __attribute__((format(printf, fmt, args)))
@@ -214,6 +215,7 @@ struct cm_device {
     atomic_uint_fast64_t refcount;
     const cm_backend_t *backend;
     void *state;                      /* backend state                    */
+    pid_t pid;                        /* the process that opened it       */
     cm_device_info_t info;            /* immutable after open             */
 
     /* Statistics; atomics so the hot paths need no lock. */

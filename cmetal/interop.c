@@ -47,12 +47,15 @@ static int view_extent(int32_t ndim, const int64_t *shape, const int64_t *stride
     return CM_OK;
 }
 
+/* Runs before view_extent has checked the shape, so the product is formed
+ * unsigned (wrapping is defined); view_extent then refuses a shape whose
+ * product overflows, and these strides are never used. */
 static void row_major_strides(int32_t ndim, const int64_t *shape, int64_t *strides)
 {
-    int64_t step = 1;
+    uint64_t step = 1;
     for (int32_t i = ndim - 1; i >= 0; i--) {
-        strides[i] = step;
-        step *= shape[i] > 0 ? shape[i] : 1;
+        strides[i] = (int64_t)step;
+        step *= shape[i] > 0 ? (uint64_t)shape[i] : 1;
     }
 }
 

@@ -84,7 +84,10 @@ def _float_arg(value, what):
             return float(value.__float__())
         except (AttributeError, TypeError, ValueError):
             raise InvalidArgument(f"{what} must be a number, got {value!r}") from None
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond the float range
+        raise InvalidArgument(f"{what} {value} is out of range") from None
 
 
 def _requested_backend(backend):

@@ -52,7 +52,7 @@ import numpy as np
 from mlxbuf._cmetal import ffi, lib
 from mlxbuf.buffer import Buffer
 from mlxbuf.dtypes import DType
-from mlxbuf.errors import UnsupportedDtype, error_for, last_error_message
+from mlxbuf.errors import InvalidArgument, UnsupportedDtype, error_for, last_error_message
 
 __all__ = ["to_dlpack", "dlpack_device", "from_dlpack", "kDLCPU", "kDLMetal"]
 
@@ -302,9 +302,11 @@ def from_dlpack(obj, device=None, copy=None):
             obj.wait_idle()
             return _copy_of(obj)
         return obj.clone()
-    if device is None:
-        from mlxbuf.device import default_device
+    from mlxbuf.device import Device, default_device
 
+    if device is None:
         device = default_device()
+    elif not isinstance(device, Device):
+        raise InvalidArgument(f"from_dlpack needs a Device (or None), got device={device!r}")
     capsule = obj if type(obj) is _CapsuleType else _request_capsule(obj, device, copy)
     return _consume(capsule, device, copy)

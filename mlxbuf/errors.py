@@ -89,6 +89,11 @@ class Unsupported(MlxError, NotImplementedError):
 class FileError(MlxError, OSError):
     """A file operation failed (file-backed buffers); the message names the path and the reason."""
 
+    def __str__(self):
+        # OSError's own str() becomes "[Errno n] None: filename" once errno
+        # and filename are set as attributes, dropping the message.
+        return str(self.args[0]) if self.args else ""
+
 
 _BY_STATUS = {
     lib.CM_ERR_INVALID_ARGUMENT: InvalidArgument,

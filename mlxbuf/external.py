@@ -96,6 +96,10 @@ def from_raw(device, pointer, byte_len=None, dtype="u8", shape=None, *, owner=No
     registered in the residency set (``BufferPool.register_existing`` adds
     it) and does not count in ``active_memory``.
     """
+    from mlxbuf.device import Device
+
+    if not isinstance(device, Device):
+        raise InvalidArgument(f"from_raw needs a Device, got {device!r}")
     dt = _dtype_arg(dtype)
     address = _address(pointer, "pointer")
     if byte_len is None:

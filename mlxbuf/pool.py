@@ -174,6 +174,10 @@ class BufferPool:
         allocations stage at most one residency change set (one commit).
         """
         handle = self._live_handle()
+        try:
+            requests = list(requests)
+        except TypeError:
+            raise InvalidArgument(f"requests must be an iterable of (byte_len, dtype, shape), got {requests!r}") from None
         checked = []
         for i, request in enumerate(requests):
             try:

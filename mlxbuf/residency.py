@@ -3,7 +3,7 @@
 import dataclasses
 
 from mlxbuf._cmetal import ffi, lib
-from mlxbuf.errors import check
+from mlxbuf.errors import InvalidArgument, check
 
 __all__ = ["ResidencySet", "ResidencyInfo", "ShardInfo"]
 
@@ -200,6 +200,10 @@ class ResidencySet:
 
     def contains(self, buffer):
         """Whether ``buffer``'s storage is in the set (staged view); False for another device's buffer."""
+        from mlxbuf.buffer import Buffer
+
+        if not isinstance(buffer, Buffer):
+            raise InvalidArgument(f"a residency set contains Buffers, got {buffer!r}")
         if buffer._device._handle != self._device._handle:
             return False
         out = ffi.new("int *")

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from mlxbuf.dtypes import DType, as_dtype
@@ -324,10 +325,12 @@ def load_safetensors(path, device=None, *, _max_window=None):
     """
     from mlxbuf.mapping import map_fd
 
-    if device is None:
-        from mlxbuf.device import default_device
+    from mlxbuf.device import Device, default_device
 
+    if device is None:
         device = default_device()
+    elif not isinstance(device, Device):
+        raise InvalidArgument(f"load_safetensors needs a Device (or None), got device={device!r}")
     path = os.fspath(path)
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     try:
@@ -401,6 +404,8 @@ def save_safetensors(path, tensors, metadata=None):
             isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
         ):
             raise InvalidArgument("metadata must map strings to strings")
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"save_safetensors takes a dict of name -> Buffer or numpy array, got {tensors!r}")
     items = []
     for name, value in tensors.items():
         if not isinstance(name, str):

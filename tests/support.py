@@ -1,6 +1,7 @@
 """Helpers shared by the tests (imported as `support`; tests/ is on sys.path under pytest)."""
 
 import gc
+import os
 
 
 def assert_names(excinfo, *fragments):
@@ -13,3 +14,9 @@ def assert_names(excinfo, *fragments):
 def settle():
     """Collect garbage so dropped buffers in cycles release their storages."""
     gc.collect()
+
+
+def hypothesis_profile():
+    """The hypothesis profile of this run: MLXBUF_HYPOTHESIS_PROFILE, else
+    HYPOTHESIS_PROFILE, else "ci" (what the plain test command runs)."""
+    return os.environ.get("MLXBUF_HYPOTHESIS_PROFILE") or os.environ.get("HYPOTHESIS_PROFILE") or "ci"
