@@ -5,7 +5,7 @@
 # CPython itself is not valgrind-clean (uninitialised-value reports from its
 # small-int cache, objects never freed at exit), so the verdict is scoped to
 # our code: the run fails if any error record or definitely-lost block has a
-# frame in the C core (a cm_* function or a file under cmetal/). cffi's own
+# frame in the C core (a cm_* function or a file of cmetal/). cffi's own
 # one-time module set-up (_cffi_init) is not ours and does not count.
 # Usage: .ci/valgrind.sh [python]    (default: the python on PATH)
 set -euo pipefail
@@ -26,7 +26,8 @@ text = open(sys.argv[1]).read()
 records = re.split(r"\n==\d+== \n", text)
 kinds = ("Invalid read", "Invalid write", "Invalid free", "Mismatched free",
          "uninitialised", "Syscall param", "definitely lost", "Source and destination overlap")
-ours = re.compile(r"\bcm_\w+|/cmetal/")
+# valgrind names files without their directory: "(host.c:95)".
+ours = re.compile(r"\bcm_\w+|/cmetal/|\((?:core|pool|host|error|interop|pycapsule)\.c:\d+\)")
 errors = [r for r in records if any(k in r for k in kinds)]
 mine = [r for r in errors if ours.search(r)]
 print(f"valgrind memcheck, python -m mlxbuf: {len(errors)} error/definite-leak records "

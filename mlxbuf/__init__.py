@@ -10,13 +10,18 @@ Quick start::
 See README.md for a tour; every public name has a docstring.
 """
 
+from __future__ import annotations
+
 __version__ = "0.1.0"
 
-from mlxbuf.buffer import Buffer
+from typing import TYPE_CHECKING, Any
+
+from mlxbuf.buffer import Buffer, ShapeLike
 from mlxbuf.compute import Kernel, Library
 from mlxbuf.device import Device, DeviceStats, default_device
 from mlxbuf.dtypes import (
     DType,
+    DTypeLike,
     as_dtype,
     bfloat16,
     bool_,
@@ -49,6 +54,14 @@ from mlxbuf.errors import (
 from mlxbuf.pool import BufferPool, PoolStats
 from mlxbuf.residency import ResidencyInfo, ResidencySet, ShardInfo
 
+if TYPE_CHECKING:
+    # What __getattr__ resolves lazily, for type checkers ("x as x": re-exported).
+    from mlxbuf.interop import from_dlpack as from_dlpack
+    from mlxbuf.safetensors import SafetensorsError as SafetensorsError
+    from mlxbuf.safetensors import load_safetensors as load_safetensors
+    from mlxbuf.safetensors import safetensors_metadata as safetensors_metadata
+    from mlxbuf.safetensors import save_safetensors as save_safetensors
+
 # Interop lives in its own modules, imported on first use.
 _LAZY = {
     "from_dlpack": "mlxbuf.interop",
@@ -59,7 +72,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'mlxbuf' has no attribute {name!r}")
@@ -78,6 +91,7 @@ __all__ = [
     "CommandBufferError",
     "CommandEncoder",
     "DType",
+    "DTypeLike",
     "Device",
     "DeviceNotFound",
     "DeviceStats",
@@ -92,6 +106,7 @@ __all__ = [
     "ResidencySet",
     "ResidencySetError",
     "ShaderCompilationError",
+    "ShapeLike",
     "ShardInfo",
     "Unsupported",
     "UnsupportedDtype",

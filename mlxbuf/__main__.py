@@ -1,8 +1,11 @@
 """``python -m mlxbuf``: device facts, zero-copy views, residency and pool figures, churn timings."""
 
+from __future__ import annotations
+
 import argparse
 import sys
 import timeit
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -12,14 +15,15 @@ DECODE_SCRATCH_ALLOCS = 440  # scratch buffers of one simulated decode token
 SCRATCH_BYTES = 4096
 
 
-def _fmt_bytes(n):
+def _fmt_bytes(n: float) -> str:
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
         n /= 1024
+    raise AssertionError("unreachable: the TiB case returns")
 
 
-def _facts(dev):
+def _facts(dev: mlxbuf.Device) -> None:
     print(f"mlxbuf {mlxbuf.__version__}")
     print(f"backend                 {dev.backend}")
     print(f"device                  {dev.name}")
@@ -31,7 +35,7 @@ def _facts(dev):
     print(f"residency sets          {'on' if dev.residency_sets_enabled else 'off'}{reason}")
 
 
-def _views(dev):
+def _views(dev: mlxbuf.Device) -> None:
     print("\n-- zero-copy views")
     buf = dev.alloc_buffer(4096, "f32", (1024,))
     arr = buf.numpy()
@@ -48,14 +52,14 @@ def _views(dev):
     print(f"numpy views outlive the Buffers: arr[64:67] = {arr[64:67].tolist()}")
 
 
-def _decode_token(dev, enc_src, enc_dst):
+def _decode_token(dev: mlxbuf.Device, enc_src: mlxbuf.Buffer, enc_dst: mlxbuf.Buffer) -> None:
     scratch = [dev.alloc_buffer(SCRATCH_BYTES, "f32", (SCRATCH_BYTES // 4,)) for _ in range(DECODE_SCRATCH_ALLOCS)]
     del scratch
     with dev.command_encoder() as enc:
         enc.copy(enc_src, enc_dst)
 
 
-def _residency(dev):
+def _residency(dev: mlxbuf.Device) -> None:
     print("\n-- residency: one simulated decode token")
     rs = dev.residency_set
     if rs is None:
@@ -71,14 +75,14 @@ def _residency(dev):
           f"-> {cost} residency commit(s) (expected 1; one commit per call would be {2 * DECODE_SCRATCH_ALLOCS})")
 
 
-def _pool(dev):
+def _pool(dev: mlxbuf.Device) -> None:
     print("\n-- pool: steady-state churn")
     pool = mlxbuf.BufferPool(dev)
     src = dev.alloc_buffer(256, "u8", (256,))
     dst = dev.alloc_buffer(256, "u8", (256,))
     shape = (SCRATCH_BYTES // 4,)
 
-    def token():
+    def token() -> None:
         scratch = [pool.alloc(SCRATCH_BYTES, "f32", shape) for _ in range(32)]
         with dev.command_encoder() as enc:
             enc.copy(src, dst)
@@ -97,7 +101,7 @@ def _pool(dev):
     pool.close()
 
 
-def _churn(dev, number):
+def _churn(dev: mlxbuf.Device, number: int) -> None:
     print(f"\n-- alloc/free churn, {SCRATCH_BYTES}-byte buffers (best of 5 x {number})")
     pool = mlxbuf.BufferPool(dev)
     shape = (SCRATCH_BYTES // 4,)
@@ -125,7 +129,7 @@ def _churn(dev, number):
     pool.close()
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; returns the process exit status."""
     parser = argparse.ArgumentParser(prog="python -m mlxbuf", description=__doc__)
     parser.add_argument("--backend", default="auto", choices=["auto", "host", "metal"])

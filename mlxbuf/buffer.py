@@ -1,16 +1,33 @@
 """Buffer: a typed, shaped view over one reference-counted storage."""
 
+from __future__ import annotations
+
+import builtins
 import math
 import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, SupportsIndex, TypeAlias, Union
 
 import numpy as np
 
 from mlxbuf._cmetal import ffi, lib
 from mlxbuf.dtypes import _LOOKUP as _DTYPES
-from mlxbuf.dtypes import DType, as_dtype
+from mlxbuf.dtypes import DType, DTypeLike, as_dtype
 from mlxbuf.errors import InvalidArgument, check
 
-__all__ = ["Buffer"]
+if TYPE_CHECKING:
+    from numpy.typing import DTypeLike as NumpyDTypeLike
+    from numpy.typing import NDArray
+    from typing_extensions import CapsuleType
+
+    from mlxbuf.device import Device
+    from mlxbuf.residency import ResidencySet
+
+__all__ = ["Buffer", "ShapeLike"]
+
+# What every function taking a shape accepts: a tuple or list of
+# non-negative ints (numpy integers too), or one int for a 1-D shape.
+ShapeLike: TypeAlias = Union[Sequence[SupportsIndex], int, "np.integer[Any]"]
 
 _new = object.__new__
 _gc = ffi.gc
@@ -32,7 +49,7 @@ _KINDS = {
 _tls = threading.local()
 
 
-def _result():
+def _result() -> Any:
     try:
         return _tls.res
     except AttributeError:
@@ -43,7 +60,7 @@ def _result():
 # ---- validation helpers (shared with device, pool and encoder) ----------------
 
 
-def _int_arg(value, what, *, minimum=0):
+def _int_arg(value: Any, what: str, *, minimum: int = 0) -> int:
     """``value`` as an int >= minimum and < 2**64, else InvalidArgument naming it.
 
     bools are refused: ``alloc_buffer(True, ...)`` is a bug, not a 1-byte request.
@@ -63,7 +80,7 @@ def _int_arg(value, what, *, minimum=0):
     return value
 
 
-def _shape_arg(shape):
+def _shape_arg(shape: Any) -> tuple[tuple[int, ...], int]:
     """``(tuple_of_ints, element_count)`` for a tuple/list (or int) of non-negative ints."""
     if type(shape) is tuple:
         count = 1
@@ -82,14 +99,14 @@ def _shape_arg(shape):
     raise InvalidArgument(f"shape must be a tuple or list of non-negative ints, got {shape!r} ({type(shape).__name__})")
 
 
-def _dtype_arg(dtype):
+def _dtype_arg(dtype: Any) -> DType:
     try:
         return _DTYPES[dtype]
     except (KeyError, TypeError):
         return as_dtype(dtype)
 
 
-def _shape_fits(dt, shape, count, byte_len, where="buffer"):
+def _shape_fits(dt: DType, shape: tuple[int, ...], count: int, byte_len: int, where: str = "buffer") -> None:
     need = count * dt.size
     if need > byte_len:
         raise InvalidArgument(
@@ -97,7 +114,7 @@ def _shape_fits(dt, shape, count, byte_len, where="buffer"):
         )
 
 
-def _prepare(byte_len, dtype, shape):
+def _prepare(byte_len: Any, dtype: Any, shape: Any) -> tuple[int, DType, tuple[int, ...]]:
     """Validate an allocation request: ``(byte_len, DType, shape)``.
 
     C checks the device maximum (it knows the limit); Python checks what
@@ -116,7 +133,7 @@ def _prepare(byte_len, dtype, shape):
     return byte_len, dt, shape
 
 
-def _adopt(cls, device, res, dt, shape):
+def _adopt(cls: type[Buffer], device: Device, res: Any, dt: DType, shape: tuple[int, ...]) -> Buffer:
     """A Buffer owning the one C reference in ``res`` (an allocation result)."""
     # Read every field before creating a GC-tracked object: cdata and int
     # reads cannot start a collection, object creation can, and a finalizer
@@ -168,7 +185,17 @@ class Buffer:
         "__weakref__",
     )
 
-    def __init__(self, *args, **kwargs):
+    # The slots' types (annotations only, no class attributes).
+    _device: Device
+    _storage: Any
+    _contents: Any
+    _mem: Any
+    _dtype: DType
+    _shape: tuple[int, ...]
+    _byte_offset: int
+    _byte_len: int
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError(
             "Buffer objects are made by Device.alloc_buffer, BufferPool.alloc, "
             "Device.map_file, mlxbuf.from_dlpack or Buffer.from_raw"
@@ -177,7 +204,16 @@ class Buffer:
     # ---- construction (internal) ----
 
     @classmethod
-    def _from_storage(cls, device, storage, contents, byte_len, dtype, shape, byte_offset=0):
+    def _from_storage(
+        cls,
+        device: Device,
+        storage: Any,
+        contents: Any,
+        byte_len: int,
+        dtype: DTypeLike,
+        shape: ShapeLike,
+        byte_offset: SupportsIndex = 0,
+    ) -> Buffer:
         """Wrap ``storage`` (a ``cm_storage_t *``), taking ownership of one C reference.
 
         ``contents`` is the storage's CPU address (cdata or int) and
@@ -205,7 +241,7 @@ class Buffer:
         buf._byte_len = byte_len
         return buf
 
-    def _derive(self, dt, shape, byte_offset):
+    def _derive(self, dt: DType, shape: tuple[int, ...], byte_offset: int) -> Buffer:
         """A Buffer sharing this one's storage (and its one C reference)."""
         buf = _new(type(self))
         buf._device = self._device
@@ -224,57 +260,57 @@ class Buffer:
     # ---- metadata ----
 
     @property
-    def dtype(self):
+    def dtype(self) -> DType:
         """The element type (a DType)."""
         return self._dtype
 
     @property
-    def shape(self):
+    def shape(self) -> tuple[int, ...]:
         """The shape, a tuple of ints."""
         return self._shape
 
     @property
-    def ndim(self):
+    def ndim(self) -> int:
         """Number of dimensions."""
         return len(self._shape)
 
     @property
-    def element_count(self):
+    def element_count(self) -> int:
         """Number of elements: the product of the shape."""
         return math.prod(self._shape)
 
     @property
-    def byte_offset(self):
+    def byte_offset(self) -> int:
         """Offset of this view's first byte from the allocation base."""
         return self._byte_offset
 
     @property
-    def byte_len(self):
+    def byte_len(self) -> int:
         """Length in bytes of the whole underlying allocation (a pool's size class for pooled buffers)."""
         return self._byte_len
 
     @property
-    def nbytes(self):
+    def nbytes(self) -> int:
         """Bytes this view covers: element_count x dtype.size."""
         return math.prod(self._shape) * self._dtype.size
 
     @property
-    def contents_ptr(self):
+    def contents_ptr(self) -> int:
         """CPU address of the allocation base, as an int."""
         return int(ffi.cast("uintptr_t", self._base()))
 
     @property
-    def data_ptr(self):
+    def data_ptr(self) -> int:
         """CPU address of this view's first byte (contents_ptr + byte_offset)."""
         return int(ffi.cast("uintptr_t", self._base())) + self._byte_offset
 
     @property
-    def device(self):
+    def device(self) -> Device:
         """The Device that owns the storage."""
         return self._device
 
     @property
-    def residency_set(self):
+    def residency_set(self) -> ResidencySet | None:
         """The device's ResidencySet if the storage is registered in it, else None."""
         rs = self._device.residency_set
         if rs is not None and rs.contains(self):
@@ -282,48 +318,48 @@ class Buffer:
         return None
 
     @property
-    def storage_kind(self):
+    def storage_kind(self) -> str:
         """How the storage was made: "device", "pooled", "external" or "mapped"."""
         return _KINDS.get(self._info().kind, "unknown")
 
     @property
-    def writable(self):
+    def writable(self) -> bool:
         """False for read-only storages (e.g. a file mapped without writable=True)."""
         return bool(self._info().writable)
 
-    def _info(self):
+    def _info(self) -> Any:
         info = ffi.new(_STORAGE_INFO)
         check(lib.cm_storage_info(self._storage, info))
         return info
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         offset = f", byte_offset={self._byte_offset}" if self._byte_offset else ""
         return (
             f"Buffer(dtype={self._dtype}, shape={self._shape}, byte_len={self._byte_len}"
             f"{offset}, device={self._device.backend})"
         )
 
-    def __len__(self):
+    def __len__(self) -> int:
         if not self._shape:
             raise TypeError("len() of a 0-d Buffer")
         return self._shape[0]
 
     # ---- views sharing the storage ----
 
-    def clone(self):
+    def clone(self) -> Buffer:
         """A new Buffer over the same storage, dtype, shape and offset; no data is copied."""
         return self._derive(self._dtype, self._shape, self._byte_offset)
 
     __copy__ = clone
 
-    def __deepcopy__(self, memo):
+    def __deepcopy__(self, memo: dict[int, Any]) -> Buffer:
         """A new allocation on the same device with a copy of the whole storage's bytes."""
         self.wait_idle()
         other = self._device.alloc_buffer(self._byte_len, "u8", (self._byte_len,))
         ffi.memmove(other._memory(), self._memory(), self._byte_len)
         return other._derive(self._dtype, self._shape, self._byte_offset)
 
-    def slice_view(self, byte_offset, n_elements):
+    def slice_view(self, byte_offset: SupportsIndex, n_elements: SupportsIndex) -> Buffer:
         """A 1-D view of ``n_elements`` elements of this dtype starting ``byte_offset``
         bytes from the allocation base (not from this view's offset), as in the seed.
 
@@ -339,7 +375,7 @@ class Buffer:
             )
         return self._derive(self._dtype, (n_elements,), byte_offset)
 
-    def view(self, dtype=None, shape=None):
+    def view(self, dtype: DTypeLike | None = None, shape: ShapeLike | None = None) -> Buffer:
         """The same bytes with new metadata, starting at this view's byte_offset.
 
         ``shape`` must fit in the bytes from byte_offset to the end of the
@@ -366,10 +402,10 @@ class Buffer:
             )
         return self._derive(dt, shape, self._byte_offset)
 
-    def reshape(self, *shape):
+    def reshape(self, *shape: SupportsIndex | Sequence[SupportsIndex]) -> Buffer:
         """This view with a new shape of the same element count (numpy's spelling)."""
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-            shape = shape[0]
+            shape = shape[0]  # type: ignore[assignment]  # reshape((2, 3)), numpy's other spelling
         shape, count = _shape_arg(tuple(shape))
         if count != math.prod(self._shape):
             raise InvalidArgument(
@@ -379,11 +415,11 @@ class Buffer:
 
     # ---- CPU access (zero-copy) ----
 
-    def wait_idle(self):
+    def wait_idle(self) -> None:
         """Block until no submitted command buffer writes this storage."""
         check(lib.cm_storage_wait_idle(self._storage))
 
-    def _memory(self):
+    def _memory(self) -> Any:
         """The owning ``uint8_t *`` cdata over the whole storage.
 
         Its destructor's closure holds the storage handle, so whatever is
@@ -396,7 +432,7 @@ class Buffer:
             mem = self._mem = _gc(self._base(), lambda _p, _keep=self._storage: None)
             return mem
 
-    def _base(self):
+    def _base(self) -> Any:
         """The storage's base address as a non-owning ``uint8_t *`` cdata."""
         try:
             return self._contents
@@ -404,10 +440,10 @@ class Buffer:
             contents = self._contents = self._info().contents
             return contents
 
-    def _bytes_buffer(self):
+    def _bytes_buffer(self) -> Any:
         return ffi.buffer(self._memory(), self._byte_len)
 
-    def numpy(self, wait=True):
+    def numpy(self, wait: bool = True) -> NDArray[Any]:
         """A zero-copy numpy array of this view: its shape and dtype, offset honoured.
 
         The array aliases the storage's bytes and keeps the storage alive as
@@ -426,7 +462,7 @@ class Buffer:
             arr.flags.writeable = False
         return arr
 
-    def as_slice(self, dtype=None, wait=True):
+    def as_slice(self, dtype: DTypeLike | None = None, wait: bool = True) -> NDArray[Any]:
         """A 1-D zero-copy numpy array of this view's bytes read as ``dtype``
         (default: this dtype). InvalidArgument if the bytes are not a whole
         number of elements."""
@@ -438,7 +474,7 @@ class Buffer:
             )
         return self._derive(dt, (nbytes // dt.size,), self._byte_offset).numpy(wait=wait)
 
-    def memoryview(self, wait=True):
+    def memoryview(self, wait: bool = True) -> builtins.memoryview:
         """A zero-copy memoryview (format "B") of this view's bytes; read-only
         for read-only storages. Waits for submitted writers unless ``wait=False``."""
         info = self._info()
@@ -449,7 +485,7 @@ class Buffer:
         return mv if info.writable else mv.toreadonly()
 
     @property
-    def __array_interface__(self):
+    def __array_interface__(self) -> dict[str, Any]:
         """numpy's array interface (version 3): ``np.asarray(buf)`` aliases this
         view and keeps the Buffer (hence the storage) alive. Waits for
         submitted writers like ``numpy()``. Absent for bf16, which the array
@@ -467,7 +503,7 @@ class Buffer:
             "strides": None,
         }
 
-    def __array__(self, dtype=None, copy=None):
+    def __array__(self, dtype: NumpyDTypeLike | None = None, copy: bool | None = None) -> NDArray[Any]:
         """numpy's conversion hook (used for bf16, which the array interface
         cannot describe): the zero-copy view unless a dtype change or
         ``copy=True`` asks for a copy."""
@@ -480,20 +516,27 @@ class Buffer:
 
     # ---- interop (mlxbuf.interop) ----
 
-    def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
+    def __dlpack__(
+        self,
+        *,
+        stream: int | None = None,
+        max_version: tuple[int, int] | None = None,
+        dl_device: tuple[int, int] | None = None,
+        copy: bool | None = None,
+    ) -> CapsuleType:
         """Export as a DLPack capsule (see mlxbuf.interop)."""
         from mlxbuf import interop
 
         return interop.to_dlpack(self, stream=stream, max_version=max_version, dl_device=dl_device, copy=copy)
 
-    def __dlpack_device__(self):
+    def __dlpack_device__(self) -> tuple[int, int]:
         """``(1, 0)`` (kDLCPU) on the host backend, ``(8, 0)`` (kDLMetal) on Metal."""
         from mlxbuf import interop
 
         return interop.dlpack_device(self)
 
     @classmethod
-    def from_raw(cls, *args, **kwargs):
+    def from_raw(cls, *args: Any, **kwargs: Any) -> Buffer:
         """Wrap externally allocated memory or an MTLBuffer (see mlxbuf.interop.from_raw)."""
         from mlxbuf import interop
 

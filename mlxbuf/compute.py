@@ -1,7 +1,14 @@
 """Compute: compiled shader libraries and their kernels (Metal only)."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from mlxbuf._cmetal import ffi, lib
 from mlxbuf.errors import InvalidArgument, Unsupported, error_for
+
+if TYPE_CHECKING:
+    from mlxbuf.device import Device
 
 __all__ = ["Library", "Kernel"]
 
@@ -14,11 +21,16 @@ class Library:
 
     __slots__ = ("_device", "_handle", "_name", "__weakref__")
 
-    def __init__(self, *args, **kwargs):
+    # The slots' types (annotations only, no class attributes).
+    _device: Device
+    _handle: Any
+    _name: str
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError("a Library is made by Device.compile_library(source)")
 
     @classmethod
-    def _compile(cls, device, source, name):
+    def _compile(cls, device: Device, source: str | bytes, name: str) -> Library:
         if isinstance(source, bytes):
             source = source.decode("utf-8")
         if not isinstance(source, str):
@@ -40,16 +52,16 @@ class Library:
         return library
 
     @property
-    def device(self):
+    def device(self) -> Device:
         """The Device the library was compiled for."""
         return self._device
 
     @property
-    def name(self):
+    def name(self) -> str:
         """The name given at compile time (used in error messages)."""
         return self._name
 
-    def kernel(self, name):
+    def kernel(self, name: str) -> Kernel:
         """The compute pipeline of function ``name`` (KernelNotFound if there is none).
 
         Pipelines are cached per (library, name) in C.
@@ -62,7 +74,7 @@ class Library:
             raise error_for(status, name=name)
         return Kernel._adopt(self, ffi.gc(out[0], lib.cm_kernel_release))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"Library({self._name!r}, device={self._device.backend})"
 
 
@@ -74,11 +86,16 @@ class Kernel:
 
     __slots__ = ("_library", "_handle", "_info", "__weakref__")
 
-    def __init__(self, *args, **kwargs):
+    # The slots' types (annotations only, no class attributes).
+    _library: Library
+    _handle: Any
+    _info: Any
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError("a Kernel is made by Library.kernel(name)")
 
     @classmethod
-    def _adopt(cls, library, handle):
+    def _adopt(cls, library: Library, handle: Any) -> Kernel:
         info = ffi.new("cm_kernel_info_t *")
         status = lib.cm_kernel_info(handle, info)
         if status:
@@ -90,26 +107,26 @@ class Kernel:
         return k
 
     @property
-    def name(self):
+    def name(self) -> str:
         """The function's name."""
         return ffi.string(self._info.name).decode("utf-8", "replace")
 
     @property
-    def library(self):
+    def library(self) -> Library:
         """The Library the kernel comes from."""
         return self._library
 
     @property
-    def max_total_threads_per_threadgroup(self):
+    def max_total_threads_per_threadgroup(self) -> int:
         """Most threads one threadgroup of this pipeline may have."""
         return self._info.max_total_threads_per_threadgroup
 
     @property
-    def thread_execution_width(self):
+    def thread_execution_width(self) -> int:
         """SIMD width: threadgroup sizes should be multiples of it."""
         return self._info.thread_execution_width
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (
             f"Kernel({self.name!r}, max_total_threads_per_threadgroup={self.max_total_threads_per_threadgroup}, "
             f"thread_execution_width={self.thread_execution_width})"

@@ -1,17 +1,29 @@
 """Device: one opened backend device (Metal or host), its allocator and statistics."""
 
+from __future__ import annotations
+
 import atexit
 import dataclasses
 import gc
 import os
 import threading
 import weakref
+from typing import TYPE_CHECKING, Any, SupportsIndex
 
 from mlxbuf._cmetal import ffi, lib
 from mlxbuf.buffer import Buffer, _int_arg, _result, _shape_arg, _shape_fits, _tls
 from mlxbuf.dtypes import _LOOKUP as _DTYPES
 from mlxbuf.dtypes import as_dtype
 from mlxbuf.errors import DeviceNotFound, InvalidArgument, check, error_for
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
+
+    from mlxbuf.buffer import ShapeLike
+    from mlxbuf.compute import Library
+    from mlxbuf.dtypes import DTypeLike
+    from mlxbuf.encoder import CommandEncoder
+    from mlxbuf.residency import ResidencySet
 
 __all__ = ["Device", "DeviceStats", "default_device"]
 
@@ -49,11 +61,11 @@ class DeviceStats:
     completed: int
 
 
-def _env_flag(name):
+def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
-def _parse_keepalive(text):
+def _parse_keepalive(text: str) -> tuple[float, float | None]:
     """``"seconds[,interval]"`` -> (seconds, interval or None)."""
     parts = [p.strip() for p in text.split(",")]
     try:
@@ -68,7 +80,7 @@ def _parse_keepalive(text):
     return seconds, interval
 
 
-def _parse_bytes_env(name, text):
+def _parse_bytes_env(name: str, text: str) -> int:
     try:
         value = int(text.strip(), 0)
     except ValueError:
@@ -78,7 +90,7 @@ def _parse_bytes_env(name, text):
     return value
 
 
-def _float_arg(value, what):
+def _float_arg(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         try:
             return float(value.__float__())
@@ -90,7 +102,7 @@ def _float_arg(value, what):
         raise InvalidArgument(f"{what} {value} is out of range") from None
 
 
-def _requested_backend(backend):
+def _requested_backend(backend: Any) -> str:
     if not isinstance(backend, str) or backend.lower() not in _BACKENDS:
         raise InvalidArgument(f"unknown backend {backend!r}; expected one of 'auto', 'host', 'metal'")
     backend = backend.lower()
@@ -105,11 +117,11 @@ def _requested_backend(backend):
 
 # Open devices, so in-flight work can finish before the interpreter tears
 # down the objects its completion would touch.
-_open_devices = weakref.WeakSet()
+_open_devices: weakref.WeakSet[Device] = weakref.WeakSet()
 
 
 @atexit.register
-def _synchronize_open_devices():
+def _synchronize_open_devices() -> None:
     pid = os.getpid()
     for dev in list(_open_devices):
         # A device inherited through fork has no worker thread here: waiting
@@ -135,7 +147,12 @@ class Device:
 
     __slots__ = ("_handle", "_info", "_pid", "__weakref__")
 
-    def __init__(self, backend="auto", *, residency=None):
+    # The slots' types (annotations only, no class attributes).
+    _handle: Any
+    _info: Any
+    _pid: int
+
+    def __init__(self, backend: str = "auto", *, residency: bool | None = None) -> None:
         wanted = _requested_backend(backend)
         if residency is None:
             residency = not _env_flag("MLXBUF_NO_RESIDENCY")
@@ -151,13 +168,13 @@ class Device:
         self._apply_env()
 
     @classmethod
-    def _from_handle(cls, handle):
+    def _from_handle(cls, handle: Any) -> Device:
         """Wrap a ``cm_device_t *`` owning one C reference (``ffi.gc``'d by this call)."""
         dev = cls.__new__(cls)
         dev._adopt(ffi.gc(handle, _release_device))
         return dev
 
-    def _adopt(self, handle):
+    def _adopt(self, handle: Any) -> None:
         self._handle = handle
         info = ffi.new("cm_device_info_t *")
         check(lib.cm_device_info(handle, info))
@@ -165,10 +182,11 @@ class Device:
         self._pid = os.getpid()
         _open_devices.add(self)
 
-    def _apply_env(self):
+    def _apply_env(self) -> None:
         shard = os.environ.get("MLXBUF_RESIDENCY_SHARD_BYTES", "").strip()
         if shard and self.residency_sets_enabled:
-            self.residency_set.shard_cap = _parse_bytes_env("MLXBUF_RESIDENCY_SHARD_BYTES", shard)
+            # Not None: residency sets are enabled.
+            self.residency_set.shard_cap = _parse_bytes_env("MLXBUF_RESIDENCY_SHARD_BYTES", shard)  # type: ignore[union-attr]
         keepalive = os.environ.get("MLXBUF_RESIDENCY_KEEPALIVE", "").strip()
         if keepalive and self.residency_sets_enabled:
             seconds, interval = _parse_keepalive(keepalive)
@@ -177,52 +195,52 @@ class Device:
     # ---- facts ----
 
     @property
-    def backend(self):
+    def backend(self) -> str:
         """``"metal"`` or ``"host"``."""
         return _BACKEND_NAMES.get(self._info.backend, str(self._info.backend))
 
     @property
-    def name(self):
+    def name(self) -> str:
         """The device's name (Metal: e.g. "Apple M2"; host: from the machine)."""
         return ffi.string(self._info.name).decode("utf-8", "replace")
 
     @property
-    def has_unified_memory(self):
+    def has_unified_memory(self) -> bool:
         """True when CPU and GPU share memory (Apple Silicon; always on host)."""
         return bool(self._info.has_unified_memory)
 
     @property
-    def max_buffer_length(self):
+    def max_buffer_length(self) -> int:
         """Largest single allocation, in bytes."""
         return self._info.max_buffer_length
 
     @property
-    def recommended_max_working_set_size(self):
+    def recommended_max_working_set_size(self) -> int:
         """Bytes the device can use without hurting performance."""
         return self._info.recommended_max_working_set_size
 
     @property
-    def page_size(self):
+    def page_size(self) -> int:
         """Allocation granularity in bytes."""
         return self._info.page_size
 
     @property
-    def registry_id(self):
+    def registry_id(self) -> int:
         """Metal's registryID (0 on the host backend)."""
         return self._info.registry_id
 
     @property
-    def residency_sets_enabled(self):
+    def residency_sets_enabled(self) -> bool:
         """Whether allocations are registered in residency sets."""
         return bool(self._info.residency_enabled)
 
     @property
-    def residency_disabled_reason(self):
+    def residency_disabled_reason(self) -> str:
         """Why residency sets are off ("" when they are on)."""
         return ffi.string(self._info.residency_disabled_reason).decode("utf-8", "replace")
 
     @property
-    def residency_set(self):
+    def residency_set(self) -> ResidencySet | None:
         """The device's ResidencySet, or None when residency is off.
 
         Each access returns a new view object (they compare equal); caching
@@ -234,65 +252,65 @@ class Device:
 
         return ResidencySet._for_device(self)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         residency = "on" if self.residency_sets_enabled else "off"
         return f"Device(backend={self.backend!r}, name={self.name!r}, residency={residency})"
 
     # ---- memory ----
 
-    def stats(self):
+    def stats(self) -> DeviceStats:
         """A DeviceStats snapshot of this device's counters."""
         out = ffi.new("cm_device_stats_t *")
         check(lib.cm_device_stats(self._handle, out))
         return DeviceStats(**{f.name: getattr(out, f.name) for f in dataclasses.fields(DeviceStats)})
 
-    def _stat(self, field):
+    def _stat(self, field: str) -> int:
         out = ffi.new("cm_device_stats_t *")
         check(lib.cm_device_stats(self._handle, out))
         return getattr(out, field)
 
     @property
-    def active_memory(self):
+    def active_memory(self) -> int:
         """Bytes in live storages of this device (pool caches included, external storages not)."""
         return self._stat("active_bytes")
 
     @property
-    def peak_memory(self):
+    def peak_memory(self) -> int:
         """Largest active_memory since the device opened or reset_peak_memory()."""
         return self._stat("peak_bytes")
 
-    def reset_peak_memory(self):
+    def reset_peak_memory(self) -> None:
         """Restart peak_memory from the current active_memory."""
         lib.cm_device_reset_peak(self._handle)
 
     @property
-    def memory_limit(self):
+    def memory_limit(self) -> int:
         """Allocations that would take active_memory above this many bytes fail."""
         return self._stat("memory_limit")
 
     @memory_limit.setter
-    def memory_limit(self, limit):
+    def memory_limit(self, limit: SupportsIndex | None) -> None:
         self.set_memory_limit(limit)
 
-    def set_memory_limit(self, limit):
+    def set_memory_limit(self, limit: SupportsIndex | None) -> int:
         """Set the memory limit in bytes (None: no limit); return the old one."""
         limit = _U64_MAX if limit is None else _int_arg(limit, "memory limit")
         old = ffi.new("uint64_t *")
         check(lib.cm_device_set_memory_limit(self._handle, limit, old))
         return old[0]
 
-    def synchronize(self):
+    def synchronize(self) -> None:
         """Block until every command buffer submitted so far has completed and released its holds."""
         check(lib.cm_device_synchronize(self._handle))
 
-    def _debug_fail_alloc(self, fail_nth=0, min_bytes=0):
+    def _debug_fail_alloc(self, fail_nth: int = 0, min_bytes: int = 0) -> None:
         """Test-only: make the fail_nth-th allocation from now (and, with
         min_bytes, every one of at least min_bytes) fail; (0, 0) switches it off."""
         check(lib.cm_device_debug_fail_alloc(self._handle, fail_nth, min_bytes))
 
     # ---- allocation ----
 
-    def alloc_buffer(self, byte_len, dtype, shape):
+    def alloc_buffer(self, byte_len: SupportsIndex, dtype: DTypeLike, shape: ShapeLike) -> Buffer:
         """A new zero-filled Buffer of ``byte_len`` bytes viewed as ``dtype``/``shape``.
 
         ``byte_len`` must be > 0 and <= max_buffer_length, and the shape must
@@ -312,8 +330,9 @@ class Device:
             shape, count = _shape_arg(shape)
         if type(byte_len) is not int or byte_len <= 0 or byte_len >= _U64_LIMIT:
             byte_len = _int_arg(byte_len, "byte_len", minimum=1)
+        # The fast path's shape is a tuple of one int, which mypy cannot narrow to.
         if count * dt.size > byte_len:
-            _shape_fits(dt, shape, count, byte_len)
+            _shape_fits(dt, shape, count, byte_len)  # type: ignore[arg-type]
         try:
             res = _tls.res
         except AttributeError:
@@ -329,12 +348,12 @@ class Device:
         buf._device = self
         buf._storage = _gc(storage, _release, byte_len)
         buf._dtype = dt
-        buf._shape = shape
+        buf._shape = shape  # type: ignore[assignment]  # (int,): see above
         buf._byte_offset = 0
         buf._byte_len = byte_len
         return buf
 
-    def _alloc_failed(self, status, byte_len, res):
+    def _alloc_failed(self, status: int, byte_len: int, res: Any) -> None:
         if status == _OOM:
             # Python may be holding dead buffers in reference cycles.
             gc.collect()
@@ -343,13 +362,13 @@ class Device:
                 return
         raise error_for(status, bytes=byte_len)
 
-    def command_encoder(self):
+    def command_encoder(self) -> CommandEncoder:
         """A new CommandEncoder (one command buffer) on this device's queue."""
         from mlxbuf.encoder import CommandEncoder
 
         return CommandEncoder._create(self)
 
-    def set_residency_keepalive(self, seconds, interval=None):
+    def set_residency_keepalive(self, seconds: float, interval: float | None = None) -> None:
         """Keep residency requested for ``seconds`` after each submission,
         re-requesting every ``interval`` seconds (default: a quarter of
         ``seconds``, between 1 ms and 1 s) from a background thread that
@@ -361,7 +380,7 @@ class Device:
         interval = _float_arg(interval, "keep-alive interval")
         check(lib.cm_residency_set_keepalive(self._handle, seconds, interval))
 
-    def compile_library(self, source, name="library"):
+    def compile_library(self, source: str | bytes, name: str = "library") -> Library:
         """Compile Metal Shading Language source into a Library.
 
         ShaderCompilationError carries the compiler's message; the host
@@ -373,13 +392,22 @@ class Device:
 
     # ---- interop hooks (mlxbuf.interop) ----
 
-    def map_file(self, path, offset=0, length=None, *, dtype="u8", shape=None, writable=False):
+    def map_file(
+        self,
+        path: str | os.PathLike[str],
+        offset: SupportsIndex = 0,
+        length: SupportsIndex | None = None,
+        *,
+        dtype: DTypeLike = "u8",
+        shape: ShapeLike | None = None,
+        writable: bool = False,
+    ) -> Buffer:
         """A zero-copy Buffer over ``length`` bytes of a file from ``offset`` (see mlxbuf.interop.map_file)."""
         from mlxbuf import interop
 
         return interop.map_file(self, path, offset, length, dtype=dtype, shape=shape, writable=writable)
 
-    def from_numpy(self, array, copy=None):
+    def from_numpy(self, array: ArrayLike, copy: bool | None = None) -> Buffer:
         """A Buffer over a numpy array's memory, zero-copy where possible (see mlxbuf.interop.from_numpy)."""
         from mlxbuf import interop
 
@@ -389,10 +417,10 @@ class Device:
 _default_lock = threading.Lock()
 # pid -> Device. A forked child opens its own and never releases the
 # parent's, whose queue thread did not survive the fork.
-_default = {}
+_default: dict[int, Device] = {}
 
 
-def default_device():
+def default_device() -> Device:
     """The process's default Device: Metal where available, else host.
 
     ``MLXBUF_BACKEND=host|metal`` forces a backend (read at the first call).

@@ -44,8 +44,11 @@ interop.c) so that nothing a capsule points at is a Python object that
 shutdown could free first.
 """
 
+from __future__ import annotations
+
 import ctypes
 import datetime
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -54,7 +57,18 @@ from mlxbuf.buffer import Buffer
 from mlxbuf.dtypes import DType
 from mlxbuf.errors import InvalidArgument, UnsupportedDtype, error_for, last_error_message
 
-__all__ = ["to_dlpack", "dlpack_device", "from_dlpack", "kDLCPU", "kDLMetal"]
+if TYPE_CHECKING:
+    from typing_extensions import CapsuleType
+
+    from mlxbuf.device import Device
+
+__all__ = ["to_dlpack", "dlpack_device", "from_dlpack", "SupportsDLPack", "kDLCPU", "kDLMetal"]
+
+
+class SupportsDLPack(Protocol):
+    """Any DLPack producer: an object with a ``__dlpack__`` method (numpy, PyTorch, MLX, a Buffer)."""
+
+    def __dlpack__(self) -> Any: ...
 
 kDLCPU = lib.kDLCPU
 kDLMetal = lib.kDLMetal
@@ -89,12 +103,12 @@ _UINT_BY_SIZE = {1: DType.U8, 2: DType.U16, 4: DType.U32, 8: DType.U64}
 # ---- export -----------------------------------------------------------------
 
 
-def dlpack_device(buf):
+def dlpack_device(buf: Buffer) -> tuple[int, int]:
     """``(kDLMetal, 0)`` for a Metal buffer, ``(kDLCPU, 0)`` for a host buffer."""
     return (kDLMetal, 0) if buf.device.backend == "metal" else (kDLCPU, 0)
 
 
-def _version_pair(max_version):
+def _version_pair(max_version: Any) -> tuple[int, int]:
     try:
         major, minor = (int(v) for v in max_version)
     except (TypeError, ValueError):
@@ -102,7 +116,7 @@ def _version_pair(max_version):
     return major, minor
 
 
-def _copy_of(buf):
+def _copy_of(buf: Buffer) -> Buffer:
     """A fresh allocation holding this view's bytes (the caller waited for writers)."""
     nbytes = buf.nbytes
     out = buf.device.alloc_buffer(max(nbytes, buf.dtype.size), buf.dtype, buf.shape)
@@ -111,7 +125,14 @@ def _copy_of(buf):
     return out
 
 
-def to_dlpack(buf, *, stream=None, max_version=None, dl_device=None, copy=None):
+def to_dlpack(
+    buf: Buffer,
+    *,
+    stream: int | None = None,
+    max_version: tuple[int, int] | None = None,
+    dl_device: tuple[int, int] | None = None,
+    copy: bool | None = None,
+) -> CapsuleType:
     """Export ``buf`` as a DLPack capsule (``Buffer.__dlpack__``; see the module docstring)."""
     if max_version is None:
         versioned, minor = False, 0
@@ -183,12 +204,12 @@ def to_dlpack(buf, *, stream=None, max_version=None, dl_device=None, copy=None):
 # ---- import -----------------------------------------------------------------
 
 
-def _request_capsule(obj, device, copy):
+def _request_capsule(obj: Any, device: Device, copy: bool | None) -> Any:
     """Ask a producer for a capsule this device can read, newest protocol first."""
     exporter = getattr(obj, "__dlpack__", None)
     if exporter is None:
         raise TypeError(f"{type(obj).__name__} does not support DLPack (it has no __dlpack__ method)")
-    kwargs = {"max_version": (lib.CM_DLPACK_MAJOR_VERSION, lib.CM_DLPACK_MINOR_VERSION)}
+    kwargs: dict[str, Any] = {"max_version": (lib.CM_DLPACK_MAJOR_VERSION, lib.CM_DLPACK_MINOR_VERSION)}
     if copy is False:
         kwargs["copy"] = False
     device_of = getattr(obj, "__dlpack_device__", None)
@@ -204,7 +225,7 @@ def _request_capsule(obj, device, copy):
         return exporter()
 
 
-def _dtype_of(info):
+def _dtype_of(info: Any) -> DType:
     dt = _BY_DLPACK.get((info.dtype.code, info.dtype.bits, info.dtype.lanes))
     if dt is None:
         raise UnsupportedDtype(
@@ -214,12 +235,12 @@ def _dtype_of(info):
     return dt
 
 
-def _tensor(ptr, versioned):
+def _tensor(ptr: Any, versioned: int) -> Any:
     kind = "DLManagedTensorVersioned *" if versioned else "DLManagedTensor *"
     return ffi.cast(kind, ptr).dl_tensor
 
 
-def _copy_from_tensor(device, t, info, dt, shape):
+def _copy_from_tensor(device: Device, t: Any, info: Any, dt: DType, shape: tuple[int, ...]) -> Buffer:
     """A fresh Buffer with the contents of the (CPU-readable, maybe strided) tensor t."""
     if info.device_type not in _CPU_LIKE:
         raise BufferError(
@@ -250,7 +271,7 @@ def _copy_from_tensor(device, t, info, dt, shape):
     return out
 
 
-def _consume(capsule, device, copy):
+def _consume(capsule: Any, device: Device, copy: bool | None) -> Buffer:
     if _PyCapsule_IsValid(capsule, _NAME_BYTES[1]):
         versioned = 1
     elif _PyCapsule_IsValid(capsule, _NAME_BYTES[0]):
@@ -284,7 +305,9 @@ def _consume(capsule, device, copy):
     return _copy_from_tensor(device, t, info, dt, shape)
 
 
-def from_dlpack(obj, device=None, copy=None):
+def from_dlpack(
+    obj: SupportsDLPack | CapsuleType, device: Device | None = None, copy: bool | None = None
+) -> Buffer:
     """A Buffer over the memory of any DLPack producer (numpy, PyTorch, MLX, ...).
 
     ``obj`` is an object with ``__dlpack__`` (or a DLPack capsule, which is

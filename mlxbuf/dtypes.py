@@ -1,6 +1,9 @@
 """Element types: the DType enum, its spellings, and their numpy / DLPack equivalents."""
 
+from __future__ import annotations
+
 import enum
+from typing import Any, TypeAlias, Union
 
 import numpy as np
 
@@ -8,6 +11,7 @@ from mlxbuf.errors import UnsupportedDtype
 
 __all__ = [
     "DType",
+    "DTypeLike",
     "as_dtype",
     "float32",
     "float16",
@@ -57,7 +61,13 @@ class DType(enum.Enum):
     F64 = ("f64", 8, "float64", kDLFloat)
     BOOL = ("bool", 1, "bool", kDLBool)
 
-    def __new__(cls, short, size, long_name, dlpack_code):
+    # Set on each member by __new__ (annotations only: not members).
+    size: int
+    long_name: str
+    dlpack_code: int
+    bits: int
+
+    def __new__(cls, short: str, size: int, long_name: str, dlpack_code: int) -> DType:
         member = object.__new__(cls)
         member._value_ = short
         member.size = size
@@ -67,36 +77,41 @@ class DType(enum.Enum):
         return member
 
     @property
-    def name(self):
+    def name(self) -> str:
         """The short name, e.g. ``"f32"``."""
         return self._value_
 
     @property
-    def itemsize(self):
+    def itemsize(self) -> int:
         """Bytes per element (numpy's spelling of ``size``)."""
         return self.size
 
     @property
-    def dlpack(self):
+    def dlpack(self) -> tuple[int, int, int]:
         """DLPack ``(type code, bits, lanes)`` of this dtype."""
         return (self.dlpack_code, self.bits, 1)
 
     @property
-    def numpy(self):
+    def numpy(self) -> np.dtype[Any]:
         """The numpy dtype; BF16 needs the ml_dtypes package (UnsupportedDtype otherwise)."""
         found = _NUMPY.get(self)
         if found is None:
             found = _bfloat16_numpy()
         return found
 
-    def __str__(self):
+    def __str__(self) -> str:
         return self._value_
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"mlxbuf.{self.long_name if self is not DType.BOOL else 'bool_'}"
 
 
-def _bfloat16_numpy():
+# What every function taking a dtype accepts: a DType, its short or long
+# name, or a numpy dtype or scalar type (np.float32, ml_dtypes.bfloat16).
+DTypeLike: TypeAlias = Union[DType, str, "np.dtype[Any]", type]
+
+
+def _bfloat16_numpy() -> np.dtype[Any]:
     try:
         import ml_dtypes
     except ImportError:
@@ -110,12 +125,12 @@ def _bfloat16_numpy():
     return dt
 
 
-_NUMPY = {dt: np.dtype(dt.long_name) for dt in DType if dt is not DType.BF16}
+_NUMPY: dict[DType, np.dtype[Any]] = {dt: np.dtype(dt.long_name) for dt in DType if dt is not DType.BF16}
 
 # Every accepted spelling -> DType, so the allocation hot path is one dict
 # lookup. numpy dtypes and scalar types hash differently from strings, so
 # they share the table.
-_LOOKUP = {}
+_LOOKUP: dict[Any, DType] = {}
 for _dt in DType:
     _LOOKUP[_dt] = _dt
     _LOOKUP[_dt._value_] = _dt
@@ -129,7 +144,7 @@ del _dt, _np
 _ACCEPTED = ", ".join(f"{dt._value_}/{dt.long_name}" if dt.long_name != dt._value_ else dt._value_ for dt in DType)
 
 
-def as_dtype(x):
+def as_dtype(x: DTypeLike) -> DType:
     """The DType for ``x``: a DType, a short or long name, or a numpy dtype/type.
 
     Raises UnsupportedDtype naming ``x`` and listing the accepted names.
@@ -143,7 +158,7 @@ def as_dtype(x):
     return _as_dtype_slow(x)
 
 
-def _as_dtype_slow(x):
+def _as_dtype_slow(x: Any) -> DType:
     if isinstance(x, str) and x.lower() in _LOOKUP:
         return _LOOKUP[x.lower()]
     # None, bools and numbers are not dtypes, though np.dtype accepts some.

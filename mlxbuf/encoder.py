@@ -1,6 +1,10 @@
 """CommandEncoder: one command buffer, its operations, and its submission."""
 
+from __future__ import annotations
+
 import struct
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Literal, SupportsIndex, TypeAlias, Union
 
 import numpy as np
 
@@ -8,7 +12,18 @@ from mlxbuf._cmetal import ffi, lib
 from mlxbuf.buffer import Buffer, _int_arg
 from mlxbuf.errors import InvalidArgument, check
 
-__all__ = ["CommandEncoder"]
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from mlxbuf.buffer import ShapeLike
+    from mlxbuf.compute import Kernel
+    from mlxbuf.device import Device
+
+__all__ = ["CommandEncoder", "KernelConstant"]
+
+# A value ``CommandEncoder.dispatch`` can bind as a kernel constant (see
+# _constant_bytes for how each is packed).
+KernelConstant: TypeAlias = Union[int, float, bytes, bytearray, memoryview, "np.generic", "np.ndarray"]
 
 _STATUS_NAMES = {
     lib.CM_CB_NOT_COMMITTED: "not_committed",
@@ -19,7 +34,7 @@ _STATUS_NAMES = {
 }
 
 
-def _grid3(value, what):
+def _grid3(value: Any, what: str) -> Any:
     """An int or a sequence of 1-3 positive ints as a uint64_t[3], padded with 1."""
     if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
         dims = [value]
@@ -31,7 +46,7 @@ def _grid3(value, what):
     return ffi.new("uint64_t[3]", dims + [1] * (3 - len(dims)))
 
 
-def _constant_bytes(value, index):
+def _constant_bytes(value: Any, index: int) -> bytes:
     """The bytes a kernel constant binds as.
 
     Python ints become 32-bit ints (int32, or uint32 from 2**31 up), floats
@@ -81,11 +96,15 @@ class CommandEncoder:
 
     __slots__ = ("_device", "_handle", "__weakref__")
 
-    def __init__(self, *args, **kwargs):
+    # The slots' types (annotations only, no class attributes).
+    _device: Device
+    _handle: Any
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError("a CommandEncoder is made by Device.command_encoder()")
 
     @classmethod
-    def _create(cls, device):
+    def _create(cls, device: Device) -> CommandEncoder:
         out = ffi.new("cm_cmdbuf_t **")
         check(lib.cm_cmdbuf_create(device._handle, out))
         enc = cls.__new__(cls)
@@ -94,11 +113,11 @@ class CommandEncoder:
         return enc
 
     @property
-    def device(self):
+    def device(self) -> Device:
         """The Device whose queue runs this command buffer."""
         return self._device
 
-    def _own(self, buffer, role):
+    def _own(self, buffer: object, role: str) -> Buffer:
         if not isinstance(buffer, Buffer):
             raise InvalidArgument(f"{role} must be a Buffer, got {buffer!r}")
         if buffer._device._handle != self._device._handle:
@@ -107,7 +126,7 @@ class CommandEncoder:
 
     # ---- operations ----
 
-    def copy(self, src, dst, nbytes=None):
+    def copy(self, src: Buffer, dst: Buffer, nbytes: SupportsIndex | None = None) -> None:
         """Copy ``nbytes`` (default ``src.nbytes``) from ``src``'s view to ``dst``'s view,
         each starting at its own byte offset."""
         self._own(src, "copy source")
@@ -121,7 +140,7 @@ class CommandEncoder:
             lib.cm_cmdbuf_copy(self._handle, src._storage, src._byte_offset, dst._storage, dst._byte_offset, nbytes)
         )
 
-    def fill(self, buffer, value):
+    def fill(self, buffer: Buffer, value: int | np.integer[Any]) -> None:
         """Set every byte of ``buffer``'s view to ``value`` (an int in 0..255)."""
         self._own(buffer, "fill target")
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
@@ -130,7 +149,14 @@ class CommandEncoder:
             raise InvalidArgument(f"fill value {int(value)} is outside 0..255 (one byte)")
         check(lib.cm_cmdbuf_fill(self._handle, buffer._storage, buffer._byte_offset, buffer.nbytes, int(value)))
 
-    def dispatch(self, kernel, grid, threadgroup, buffers=(), constants=()):
+    def dispatch(
+        self,
+        kernel: Kernel,
+        grid: ShapeLike,
+        threadgroup: ShapeLike,
+        buffers: Iterable[Buffer] = (),
+        constants: Iterable[KernelConstant] = (),
+    ) -> None:
         """Encode a compute dispatch of ``grid`` threads in threadgroups of
         ``threadgroup`` threads (ints or 1-3 ints each).
 
@@ -167,44 +193,46 @@ class CommandEncoder:
 
     # ---- submission ----
 
-    def commit(self):
+    def commit(self) -> None:
         """Flush pending residency, submit, and return without waiting."""
         check(lib.cm_cmdbuf_commit(self._handle))
 
-    def wait(self):
+    def wait(self) -> None:
         """Block until the command buffer completed and released its holds;
         CommandBufferError if it failed or was never committed."""
         check(lib.cm_cmdbuf_wait(self._handle))
 
-    def commit_and_wait(self):
+    def commit_and_wait(self) -> None:
         """commit() then wait()."""
         self.commit()
         self.wait()
 
-    def discard(self):
+    def discard(self) -> None:
         """Drop the encoded work of a command buffer never committed, releasing its holds."""
         check(lib.cm_cmdbuf_discard(self._handle))
 
     @property
-    def status(self):
+    def status(self) -> str:
         """``"not_committed"``, ``"committed"``, ``"completed"``, ``"error"`` or ``"discarded"``."""
         code = lib.cm_cmdbuf_status(self._handle)
         return _STATUS_NAMES.get(code, f"unknown({code})")
 
     @property
-    def op_count(self):
+    def op_count(self) -> int:
         """Operations encoded so far."""
         return lib.cm_cmdbuf_op_count(self._handle)
 
     @property
-    def hold_count(self):
+    def hold_count(self) -> int:
         """Storages the command buffer holds right now (0 once completed or discarded)."""
         return lib.cm_cmdbuf_hold_count(self._handle)
 
-    def __enter__(self):
+    def __enter__(self) -> CommandEncoder:
         return self
 
-    def __exit__(self, exc_type, exc, tb):
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> Literal[False]:
         status = lib.cm_cmdbuf_status(self._handle)
         if exc_type is not None:
             if status == lib.CM_CB_NOT_COMMITTED:
@@ -221,5 +249,5 @@ class CommandEncoder:
             self.wait()
         return False
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"CommandEncoder(status={self.status!r}, ops={self.op_count}, device={self._device.backend})"

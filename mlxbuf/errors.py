@@ -1,5 +1,9 @@
 """The mlxbuf exception hierarchy and the one place C status codes become exceptions."""
 
+from __future__ import annotations
+
+from typing import Any
+
 from mlxbuf._cmetal import ffi, lib
 
 __all__ = [
@@ -26,9 +30,9 @@ class MlxError(Exception):
     attributes, so every class takes the context ``check`` gives it.
     """
 
-    status = None
+    status: int | None = None
 
-    def __init__(self, message="", **context):
+    def __init__(self, message: str = "", **context: Any) -> None:
         super().__init__(message)
         for key, value in context.items():
             setattr(self, key, value)
@@ -45,7 +49,7 @@ class BufferAllocationError(MlxError, MemoryError):
     use and the limit.
     """
 
-    def __init__(self, message="", bytes=None, **context):
+    def __init__(self, message: str = "", bytes: int | None = None, **context: Any) -> None:
         super().__init__(message, **context)
         self.bytes = bytes
 
@@ -72,7 +76,7 @@ class ShaderCompilationError(MlxError):
     ``name`` is the library's name, ``message`` the compiler's output.
     """
 
-    def __init__(self, message="", name=None, **context):
+    def __init__(self, message: str = "", name: str | None = None, **context: Any) -> None:
         super().__init__(f"{name}: {message}" if name else message, **context)
         self.name = name
         self.message = message
@@ -89,13 +93,13 @@ class Unsupported(MlxError, NotImplementedError):
 class FileError(MlxError, OSError):
     """A file operation failed (file-backed buffers); the message names the path and the reason."""
 
-    def __str__(self):
+    def __str__(self) -> str:
         # OSError's own str() becomes "[Errno n] None: filename" once errno
         # and filename are set as attributes, dropping the message.
         return str(self.args[0]) if self.args else ""
 
 
-_BY_STATUS = {
+_BY_STATUS: dict[int, type[MlxError]] = {
     lib.CM_ERR_INVALID_ARGUMENT: InvalidArgument,
     lib.CM_ERR_OUT_OF_MEMORY: BufferAllocationError,
     lib.CM_ERR_DEVICE_NOT_FOUND: DeviceNotFound,
@@ -109,12 +113,12 @@ _BY_STATUS = {
 }
 
 
-def last_error_message():
+def last_error_message() -> str:
     """The calling thread's last C error message ('' if none)."""
     return ffi.string(lib.cm_last_error()).decode("utf-8", "replace")
 
 
-def error_for(status, **context):
+def error_for(status: int, **context: Any) -> MlxError:
     """The exception for C status ``status``, with the thread's last C message.
 
     ``context`` sets attributes on the exception (``bytes=`` for
@@ -133,7 +137,7 @@ def error_for(status, **context):
     return exc
 
 
-def check(status, **context):
+def check(status: int, **context: Any) -> None:
     """Raise the exception for a non-zero C status; return None for CM_OK."""
     if status:
         raise error_for(status, **context)

@@ -9,7 +9,10 @@ it completes. The owner's reference is dropped by C (``cm_py_release_object``),
 so it is released correctly from the host backend's worker thread too.
 """
 
+from __future__ import annotations
+
 import ctypes
+from typing import TYPE_CHECKING, Any, SupportsIndex
 
 import numpy as np
 
@@ -17,6 +20,13 @@ from mlxbuf._cmetal import ffi, lib
 from mlxbuf.buffer import Buffer, _dtype_arg, _int_arg, _shape_arg
 from mlxbuf.dtypes import as_dtype
 from mlxbuf.errors import InvalidArgument, check, error_for
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
+
+    from mlxbuf.buffer import ShapeLike
+    from mlxbuf.device import Device
+    from mlxbuf.dtypes import DType, DTypeLike
 
 __all__ = ["from_raw", "from_numpy", "wrap_memory"]
 
@@ -28,7 +38,7 @@ _RELEASE_OBJECT = ffi.addressof(lib, "cm_py_release_object")
 _UNSUPPORTED = lib.CM_ERR_UNSUPPORTED
 
 
-def _address(pointer, what):
+def _address(pointer: Any, what: str) -> int:
     """An int address from an int, a cffi pointer or a ctypes pointer/c_void_p."""
     if isinstance(pointer, ffi.CData):
         return int(ffi.cast("uintptr_t", pointer))
@@ -39,7 +49,9 @@ def _address(pointer, what):
     return _int_arg(pointer, what)
 
 
-def wrap_memory(device, address, byte_len, *, owner=None, writable=True):
+def wrap_memory(
+    device: Device, address: int, byte_len: int, *, owner: object = None, writable: bool = True
+) -> tuple[int, Any]:
     """``(status, result)``: wrap ``byte_len`` bytes at ``address`` as an
     external storage of ``device`` keeping ``owner`` alive until it dies.
 
@@ -64,7 +76,7 @@ def wrap_memory(device, address, byte_len, *, owner=None, writable=True):
     return status, res
 
 
-def _default_shape(byte_len, dt, shape, what):
+def _default_shape(byte_len: int, dt: DType, shape: ShapeLike | None, what: str) -> tuple[int, ...]:
     if shape is not None:
         shape, count = _shape_arg(shape)
         if count * dt.size > byte_len:
@@ -77,7 +89,16 @@ def _default_shape(byte_len, dt, shape, what):
     return (byte_len // dt.size,)
 
 
-def from_raw(device, pointer, byte_len=None, dtype="u8", shape=None, *, owner=None, writable=True):
+def from_raw(
+    device: Device,
+    pointer: Any,
+    byte_len: SupportsIndex | None = None,
+    dtype: DTypeLike = "u8",
+    shape: ShapeLike | None = None,
+    *,
+    owner: object = None,
+    writable: bool = True,
+) -> Buffer:
     """Wrap memory allocated elsewhere as a Buffer of ``device`` without copying.
 
     - ``byte_len`` given: ``pointer`` is a CPU address (int, cffi or ctypes
@@ -119,7 +140,7 @@ def from_raw(device, pointer, byte_len=None, dtype="u8", shape=None, *, owner=No
     return Buffer._from_storage(device, res.storage, res.contents, res.byte_len, dt, shape)
 
 
-def from_numpy(device, array, copy=None):
+def from_numpy(device: Device, array: ArrayLike, copy: bool | None = None) -> Buffer:
     """A Buffer with ``array``'s dtype, shape and contents.
 
     ``copy=None``: zero-copy when the array is C-contiguous, aligned,

@@ -14,17 +14,27 @@ atomically (write a new file, then rename) while buffers map them, as
 ``save_safetensors`` does.
 """
 
+from __future__ import annotations
+
 import os
+from typing import TYPE_CHECKING, SupportsIndex
 
 from mlxbuf._cmetal import ffi, lib
 from mlxbuf.buffer import Buffer, _dtype_arg, _int_arg
 from mlxbuf.errors import FileError, InvalidArgument, error_for
 from mlxbuf.external import _default_shape
 
+if TYPE_CHECKING:
+    from mlxbuf.buffer import ShapeLike
+    from mlxbuf.device import Device
+    from mlxbuf.dtypes import DTypeLike
+
 __all__ = ["map_file", "map_fd"]
 
 
-def map_fd(device, fd, offset, length, *, writable=False, path=None):
+def map_fd(
+    device: Device, fd: int, offset: int, length: int, *, writable: bool = False, path: str | None = None
+) -> Buffer:
     """A 1-D u8 Buffer over ``length`` bytes of the open file ``fd`` from
     ``offset``; the caller keeps ownership of ``fd`` (the mapping does not
     need it once this returns)."""
@@ -38,7 +48,16 @@ def map_fd(device, fd, offset, length, *, writable=False, path=None):
     return Buffer._from_storage(device, res.storage, res.contents, res.byte_len, "u8", (res.byte_len,))
 
 
-def map_file(device, path, offset=0, length=None, *, dtype="u8", shape=None, writable=False):
+def map_file(
+    device: Device,
+    path: str | os.PathLike[str],
+    offset: SupportsIndex = 0,
+    length: SupportsIndex | None = None,
+    *,
+    dtype: DTypeLike = "u8",
+    shape: ShapeLike | None = None,
+    writable: bool = False,
+) -> Buffer:
     """A zero-copy Buffer over ``length`` bytes of the file at ``path`` from ``offset``.
 
     ``length=None`` maps to the end of the file. The Buffer is 1-D ``u8`` by

@@ -1,13 +1,22 @@
 """BufferPool: a size-class cache of storages for allocation churn."""
 
+from __future__ import annotations
+
 import dataclasses
 import gc
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, SupportsIndex
 
 from mlxbuf._cmetal import ffi, lib
 from mlxbuf.buffer import Buffer, _adopt, _int_arg, _prepare, _result, _shape_arg, _shape_fits, _tls
 from mlxbuf.dtypes import _LOOKUP as _DTYPES
 from mlxbuf.dtypes import as_dtype
 from mlxbuf.errors import InvalidArgument, check, error_for
+
+if TYPE_CHECKING:
+    from mlxbuf.buffer import ShapeLike
+    from mlxbuf.device import Device
+    from mlxbuf.dtypes import DTypeLike
 
 __all__ = ["BufferPool", "PoolStats"]
 
@@ -41,7 +50,7 @@ class PoolStats:
     evictions: int
 
     @property
-    def rounding_waste_bytes(self):
+    def rounding_waste_bytes(self) -> int:
         """Bytes in use beyond what was requested (size-class rounding)."""
         return self.in_use_bytes - self.requested_bytes
 
@@ -85,7 +94,11 @@ class BufferPool:
 
     __slots__ = ("_device", "_handle", "__weakref__")
 
-    def __init__(self, device, cache_limit=None):
+    # The slots' types (annotations only, no class attributes).
+    _device: Device
+    _handle: Any
+
+    def __init__(self, device: Device, cache_limit: SupportsIndex | None = None) -> None:
         from mlxbuf.device import Device
 
         if not isinstance(device, Device):
@@ -98,20 +111,20 @@ class BufferPool:
         self._device = device
         self._handle = ffi.gc(out[0], lib.cm_pool_release)
 
-    def _live_handle(self):
+    def _live_handle(self) -> Any:
         handle = self._handle
         if handle is None:
             raise InvalidArgument("this BufferPool is closed")
         return handle
 
     @property
-    def device(self):
+    def device(self) -> Device:
         """The Device the pool allocates on."""
         return self._device
 
     # ---- allocation ----
 
-    def alloc(self, byte_len, dtype, shape, *, zero=False):
+    def alloc(self, byte_len: SupportsIndex, dtype: DTypeLike, shape: ShapeLike, *, zero: bool = False) -> Buffer:
         """A Buffer of ``byte_len``'s size class viewed as ``dtype``/``shape``.
 
         Cached storages are reused without re-zeroing unless ``zero=True``;
@@ -135,8 +148,9 @@ class BufferPool:
             shape, count = _shape_arg(shape)
         if type(byte_len) is not int or byte_len <= 0 or byte_len >= _U64_LIMIT:
             byte_len = _int_arg(byte_len, "byte_len", minimum=1)
+        # The fast path's shape is a tuple of one int, which mypy cannot narrow to.
         if count * dt.size > byte_len:
-            _shape_fits(dt, shape, count, byte_len)
+            _shape_fits(dt, shape, count, byte_len)  # type: ignore[arg-type]
         try:
             res = _tls.res
         except AttributeError:
@@ -152,12 +166,12 @@ class BufferPool:
         buf._device = self._device
         buf._storage = _gc(storage, _release, class_len)
         buf._dtype = dt
-        buf._shape = shape
+        buf._shape = shape  # type: ignore[assignment]  # (int,): see above
         buf._byte_offset = 0
         buf._byte_len = class_len
         return buf
 
-    def _alloc_failed(self, status, handle, byte_len, zero, res):
+    def _alloc_failed(self, status: int, handle: Any, byte_len: int, zero: bool, res: Any) -> None:
         if status == _OOM:
             # C already gave back the pool caches; dead buffers may still sit
             # in Python reference cycles.
@@ -167,7 +181,9 @@ class BufferPool:
                 return
         raise error_for(status, bytes=byte_len)
 
-    def alloc_batch(self, requests, *, zero=False):
+    def alloc_batch(
+        self, requests: Iterable[tuple[SupportsIndex, DTypeLike, ShapeLike]], *, zero: bool = False
+    ) -> list[Buffer]:
         """A list of Buffers for ``requests`` of ``(byte_len, dtype, shape)``: all or nothing.
 
         Every request is validated before anything is allocated; the
@@ -198,7 +214,7 @@ class BufferPool:
             raise error_for(status, bytes=sum(c[0] for c in checked))
         return [_adopt(Buffer, self._device, results + i, dt, shape) for i, (_, dt, shape) in enumerate(checked)]
 
-    def register_existing(self, buffer):
+    def register_existing(self, buffer: Buffer) -> None:
         """Add ``buffer``'s storage to the device's residency set without pooling it.
 
         For exactly-sized buffers made elsewhere (external memory, wrapped
@@ -217,85 +233,85 @@ class BufferPool:
             return
         check(lib.cm_residency_register(self._device._handle, buffer._storage))
 
-    def clear(self):
+    def clear(self) -> None:
         """Free every cached storage (staging its residency removal)."""
         check(lib.cm_pool_clear(self._live_handle()))
 
-    def close(self):
+    def close(self) -> None:
         """Free the cache now and drop the pool; idempotent. Buffers still in
         use stay valid and are freed (not cached) when their last reference dies."""
         handle, self._handle = self._handle, None
         if handle is not None:
             ffi.release(handle)
 
-    def __enter__(self):
+    def __enter__(self) -> BufferPool:
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     @property
-    def closed(self):
+    def closed(self) -> bool:
         """True after close()."""
         return self._handle is None
 
     # ---- sizes and statistics ----
 
-    def size_class(self, n):
+    def size_class(self, n: SupportsIndex) -> int:
         """The byte_len a request of n bytes gets from this pool."""
         n = _int_arg(n, "request size")
         out = ffi.new("uint64_t *")
         check(lib.cm_pool_size_class(self._live_handle(), n, out))
         return out[0]
 
-    def stats(self):
+    def stats(self) -> PoolStats:
         """A PoolStats snapshot (counts, bytes, hits, misses, evictions)."""
         out = ffi.new("cm_pool_stats_t *")
         check(lib.cm_pool_stats(self._live_handle(), out))
         return PoolStats(**{f.name: getattr(out, f.name) for f in dataclasses.fields(PoolStats)})
 
     @property
-    def free_count(self):
+    def free_count(self) -> int:
         """Storages idle in the cache."""
         return self.stats().free_count
 
     @property
-    def free_bytes(self):
+    def free_bytes(self) -> int:
         """Size-class bytes idle in the cache."""
         return self.stats().free_bytes
 
     @property
-    def in_use_count(self):
+    def in_use_count(self) -> int:
         """Pooled storages alive outside the cache."""
         return self.stats().in_use_count
 
     @property
-    def in_use_bytes(self):
+    def in_use_bytes(self) -> int:
         """Size-class bytes of the pooled storages in use."""
         return self.stats().in_use_bytes
 
     @property
-    def requested_bytes(self):
+    def requested_bytes(self) -> int:
         """Bytes asked for by the storages in use (before size-class rounding)."""
         return self.stats().requested_bytes
 
     @property
-    def cache_limit(self):
+    def cache_limit(self) -> int:
         """Most bytes the cache holds; setting it evicts oldest-first until the cache fits."""
         return self.stats().cache_limit
 
     @cache_limit.setter
-    def cache_limit(self, limit):
+    def cache_limit(self, limit: SupportsIndex) -> None:
         self.set_cache_limit(limit)
 
-    def set_cache_limit(self, limit):
+    def set_cache_limit(self, limit: SupportsIndex) -> int:
         """Set the cache limit in bytes; return the old one."""
         limit = _int_arg(limit, "cache_limit")
         old = ffi.new("uint64_t *")
         check(lib.cm_pool_set_cache_limit(self._live_handle(), limit, old))
         return old[0]
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         if self._handle is None:
             return "BufferPool(closed)"
         s = self.stats()

@@ -1,9 +1,16 @@
 """ResidencySet: a view over one device's residency bookkeeping (Metal MTLResidencySet)."""
 
+from __future__ import annotations
+
 import dataclasses
+from typing import TYPE_CHECKING, Any, SupportsIndex
 
 from mlxbuf._cmetal import ffi, lib
 from mlxbuf.errors import InvalidArgument, check
+
+if TYPE_CHECKING:
+    from mlxbuf.buffer import Buffer
+    from mlxbuf.device import Device
 
 __all__ = ["ResidencySet", "ResidencyInfo", "ShardInfo"]
 
@@ -62,29 +69,31 @@ class ResidencySet:
 
     __slots__ = ("_device",)
 
-    def __init__(self, *args, **kwargs):
+    _device: Device  # the slot's type (an annotation only)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError("a ResidencySet is obtained from Device.residency_set")
 
     @classmethod
-    def _for_device(cls, device):
+    def _for_device(cls, device: Device) -> ResidencySet:
         rs = cls.__new__(cls)
         rs._device = device
         return rs
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         if not isinstance(other, ResidencySet):
             return NotImplemented
         return self._device._handle == other._device._handle
 
-    def __hash__(self):
+    def __hash__(self) -> int:
         return hash(int(ffi.cast("uintptr_t", self._device._handle)))
 
     @property
-    def device(self):
+    def device(self) -> Device:
         """The Device whose residency this is."""
         return self._device
 
-    def info(self):
+    def info(self) -> ResidencyInfo:
         """A ResidencyInfo snapshot of every counter."""
         out = self._raw()
         values = {f.name: getattr(out, f.name) for f in dataclasses.fields(ResidencyInfo)}
@@ -92,61 +101,61 @@ class ResidencySet:
         values["pending"] = bool(values["pending"])
         return ResidencyInfo(**values)
 
-    def _raw(self):
+    def _raw(self) -> Any:
         out = ffi.new("cm_residency_info_t *")
         check(lib.cm_residency_info(self._device._handle, out))
         return out
 
     @property
-    def allocation_count(self):
+    def allocation_count(self) -> int:
         """Allocations in the set, staged changes included."""
         return self._raw().allocation_count
 
     @property
-    def committed_allocation_count(self):
+    def committed_allocation_count(self) -> int:
         """Allocations in the set as of the last commit."""
         return self._raw().committed_allocation_count
 
     @property
-    def allocated_size(self):
+    def allocated_size(self) -> int:
         """Bytes in the set, staged changes included."""
         return self._raw().allocated_size
 
     @property
-    def pending(self):
+    def pending(self) -> bool:
         """True when something was staged since the last commit."""
         return bool(self._raw().pending)
 
     @property
-    def commit_count(self):
+    def commit_count(self) -> int:
         """Native commits issued on this device so far (every shard counted)."""
         return self._raw().commit_count
 
     @property
-    def staged_adds(self):
+    def staged_adds(self) -> int:
         """Adds staged since the device opened."""
         return self._raw().staged_adds
 
     @property
-    def staged_removes(self):
+    def staged_removes(self) -> int:
         """Removes staged since the device opened."""
         return self._raw().staged_removes
 
     @property
-    def shard_count(self):
+    def shard_count(self) -> int:
         """Residency shards in use (MTLResidencySets on Metal)."""
         return self._raw().shard_count
 
     @property
-    def shard_cap(self):
+    def shard_cap(self) -> int:
         """Soft byte cap of one shard; new storages go to the first shard with room."""
         return self._raw().shard_cap_bytes
 
     @shard_cap.setter
-    def shard_cap(self, cap_bytes):
+    def shard_cap(self, cap_bytes: SupportsIndex) -> None:
         self.set_shard_cap(cap_bytes)
 
-    def set_shard_cap(self, cap_bytes):
+    def set_shard_cap(self, cap_bytes: SupportsIndex) -> int:
         """Set the shard cap in bytes (storages already placed stay); return the old cap."""
         from mlxbuf.buffer import _int_arg
 
@@ -155,7 +164,7 @@ class ResidencySet:
         check(lib.cm_residency_set_shard_cap(self._device._handle, cap_bytes, old))
         return old[0]
 
-    def shards(self):
+    def shards(self) -> list[ShardInfo]:
         """A ShardInfo per shard."""
         out = ffi.new("cm_residency_shard_info_t *")
         result = []
@@ -174,31 +183,31 @@ class ResidencySet:
         return result
 
     @property
-    def keepalive(self):
+    def keepalive(self) -> tuple[float, float]:
         """``(seconds, interval)`` of the keep-alive; ``(0.0, ...)`` when off."""
         out = self._raw()
         return (out.keepalive_seconds, out.keepalive_interval)
 
     @property
-    def keepalive_requests(self):
+    def keepalive_requests(self) -> int:
         """Residency re-requests made by the keep-alive thread."""
         return self._raw().keepalive_requests
 
-    def set_keepalive(self, seconds, interval=None):
+    def set_keepalive(self, seconds: float, interval: float | None = None) -> None:
         """Same as Device.set_residency_keepalive."""
         self._device.set_residency_keepalive(seconds, interval)
 
-    def commit(self):
+    def commit(self) -> None:
         """Commit every shard now, pending or not."""
         check(lib.cm_residency_commit(self._device._handle))
 
-    def flush_pending(self):
+    def flush_pending(self) -> bool:
         """Commit the shards with staged changes; return whether anything was committed."""
         out = ffi.new("uint64_t *")
         check(lib.cm_residency_flush(self._device._handle, out))
         return out[0] > 0
 
-    def contains(self, buffer):
+    def contains(self, buffer: Buffer) -> bool:
         """Whether ``buffer``'s storage is in the set (staged view); False for another device's buffer."""
         from mlxbuf.buffer import Buffer
 
@@ -210,10 +219,10 @@ class ResidencySet:
         check(lib.cm_residency_contains(self._device._handle, buffer._storage, out))
         return bool(out[0])
 
-    def __contains__(self, buffer):
+    def __contains__(self, buffer: Buffer) -> bool:
         return self.contains(buffer)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         i = self._raw()
         return (
             f"ResidencySet(allocations={i.allocation_count}, committed={i.committed_allocation_count}, "

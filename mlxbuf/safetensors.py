@@ -14,15 +14,24 @@ their byte ranges) raises SafetensorsError naming the file, the tensor and
 the limit, before any view is made.
 """
 
+from __future__ import annotations
+
 import json
 import math
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from mlxbuf.dtypes import DType, as_dtype
 from mlxbuf.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from numpy.typing import NDArray
+
+    from mlxbuf.buffer import Buffer
+    from mlxbuf.device import Device
 
 __all__ = [
     "SafetensorsError",
@@ -70,7 +79,9 @@ class SafetensorsError(InvalidArgument):
     or None.
     """
 
-    def __init__(self, message="", path=None, tensor=None, **context):
+    def __init__(
+        self, message: str = "", path: str | None = None, tensor: str | None = None, **context: Any
+    ) -> None:
         super().__init__(message, **context)
         self.path = path
         self.tensor = tensor
@@ -87,12 +98,12 @@ class TensorEntry:
 
     name: str
     dtype: DType
-    shape: tuple
+    shape: tuple[int, ...]
     begin: int
     end: int
 
     @property
-    def nbytes(self):
+    def nbytes(self) -> int:
         """Bytes of the tensor's data."""
         return self.end - self.begin
 
@@ -107,35 +118,35 @@ class SafetensorsHeader:
 
     header_len: int
     file_size: int
-    tensors: tuple
-    metadata: dict
+    tensors: tuple[TensorEntry, ...]
+    metadata: dict[str, str] | None
 
     @property
-    def data_start(self):
+    def data_start(self) -> int:
         """File offset of the data section (8 + header length)."""
         return 8 + self.header_len
 
     @property
-    def data_len(self):
+    def data_len(self) -> int:
         """Bytes from the data section's start to the end of the file."""
         return self.file_size - self.data_start
 
-    def __getitem__(self, name):
+    def __getitem__(self, name: str) -> TensorEntry:
         for entry in self.tensors:
             if entry.name == name:
                 return entry
         raise KeyError(name)
 
 
-def _shape_ok(shape):
+def _shape_ok(shape: object) -> bool:
     return isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
 
 
-def _reject_constant(name):
+def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _no_duplicates(pairs):
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     seen = {}
     for key, value in pairs:
         if key in seen:
@@ -144,7 +155,9 @@ def _no_duplicates(pairs):
     return seen
 
 
-def parse_header(prefix, file_size, *, path="<bytes>"):
+def parse_header(
+    prefix: bytes | bytearray | memoryview, file_size: int, *, path: str = "<bytes>"
+) -> SafetensorsHeader:
     """Validate a safetensors header and return a SafetensorsHeader.
 
     ``prefix`` holds at least the file's first ``8 + N`` bytes (more is
@@ -152,7 +165,7 @@ def parse_header(prefix, file_size, *, path="<bytes>"):
     SafetensorsError for every malformed header.
     """
 
-    def fail(message, tensor=None):
+    def fail(message: str, tensor: str | None = None) -> SafetensorsError:
         where = f"tensor {tensor!r}: " if tensor is not None else ""
         return SafetensorsError(f"{path}: {where}{message}", path=path, tensor=tensor)
 
@@ -183,7 +196,7 @@ def parse_header(prefix, file_size, *, path="<bytes>"):
 
     data_len = file_size - 8 - header_len
     data_start = 8 + header_len
-    metadata = None
+    metadata: dict[str, str] | None = None
     entries = []
     for name, info in doc.items():
         if name == _METADATA_KEY:
@@ -242,7 +255,7 @@ def parse_header(prefix, file_size, *, path="<bytes>"):
     return SafetensorsHeader(header_len, file_size, tuple(entries), metadata)
 
 
-def _read_header_fd(fd, path):
+def _read_header_fd(fd: int, path: str) -> SafetensorsHeader:
     size = os.fstat(fd).st_size
     prefix = os.pread(fd, 8, 0)
     if len(prefix) == 8:
@@ -252,7 +265,7 @@ def _read_header_fd(fd, path):
     return parse_header(prefix, size, path=path)
 
 
-def read_header(path):
+def read_header(path: str | os.PathLike[str]) -> SafetensorsHeader:
     """Read and validate the header of the safetensors file at ``path``.
 
     Reads only the header, never the data. Raises SafetensorsError for a
@@ -267,12 +280,14 @@ def read_header(path):
         os.close(fd)
 
 
-def safetensors_metadata(path):
+def safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The ``__metadata__`` string map of a safetensors file ({} when it has none)."""
     return dict(read_header(path).metadata or {})
 
 
-def plan_windows(ranges, max_len, page_size):
+def plan_windows(
+    ranges: Sequence[tuple[int, int]], max_len: int, page_size: int
+) -> tuple[list[tuple[int, int]], list[int]]:
     """Cover byte ranges with as few mappable windows as possible.
 
     ``ranges`` is a list of ``(start, end)`` file offsets (end > start).
@@ -287,10 +302,12 @@ def plan_windows(ranges, max_len, page_size):
     if max_len < page_size:
         raise InvalidArgument(f"window limit of {max_len} bytes is below the {page_size}-byte page")
 
-    def span(start, end):
+    def span(start: int, end: int) -> int:
         return -(-end // page_size) * page_size - start
 
     order = sorted(range(len(ranges)), key=lambda i: ranges[i])
+    windows: list[tuple[int, int]]
+    assignment: list[Any]  # None until each range is placed below; ints on return
     windows, assignment = [], [None] * len(ranges)
     for i in order:
         start, end = ranges[i]
@@ -311,7 +328,9 @@ def plan_windows(ranges, max_len, page_size):
     return windows, assignment
 
 
-def load_safetensors(path, device=None, *, _max_window=None):
+def load_safetensors(
+    path: str | os.PathLike[str], device: Device | None = None, *, _max_window: int | None = None
+) -> dict[str, Buffer]:
     """Load every tensor of a safetensors file as a zero-copy Buffer.
 
     Returns ``{name: Buffer}`` in the file's order, each with the tensor's
@@ -369,7 +388,7 @@ def load_safetensors(path, device=None, *, _max_window=None):
     return out
 
 
-def _tensor_bytes(name, value):
+def _tensor_bytes(name: str, value: object) -> tuple[DType, tuple[int, ...], Any]:
     """(DType, shape, bytes-like) of a Buffer or numpy array to save."""
     import numpy as np
 
@@ -388,7 +407,11 @@ def _tensor_bytes(name, value):
     raise TypeError(f"tensor {name!r} is a {type(value).__name__}: save_safetensors takes Buffers or numpy arrays")
 
 
-def save_safetensors(path, tensors, metadata=None):
+def save_safetensors(
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, Buffer | NDArray[Any]],
+    metadata: dict[str, str] | None = None,
+) -> None:
     """Write ``{name: Buffer or numpy array}`` to a safetensors file.
 
     Tensors are laid out by decreasing element size so that every tensor is
@@ -416,7 +439,7 @@ def save_safetensors(path, tensors, metadata=None):
         items.append((name, dtype, shape, data))
     items.sort(key=lambda item: -item[1].size)
 
-    header = {}
+    header: dict[str, dict[str, Any]] = {}
     if metadata:
         header[_METADATA_KEY] = dict(metadata)
     offset = 0

@@ -24,8 +24,8 @@ orphan's death are re-read from the device within proven bounds.
 
 Budget (STATEFUL_BUDGETS): the plain test command runs the "ci" profile,
 2,000 examples of 30 steps; ``MLXBUF_HYPOTHESIS_PROFILE=long python -m
-pytest tests/test_stateful.py`` runs 20,000 examples of 80 steps (about an
-hour here). Under the sanitizer pass (MLXBUF_SANITIZER_RUN=1) it runs 500;
+pytest tests/test_stateful.py`` runs 20,000 examples of 80 steps (about 25
+minutes on two cores). Under the sanitizer pass (MLXBUF_SANITIZER_RUN=1) it runs 500;
 ``MLXBUF_STATEFUL_EXAMPLES=n`` overrides the count.
 """
 
@@ -192,6 +192,8 @@ def _info(buf):
 
 
 class BufferMachine(RuleBasedStateMachine):
+    """A fresh host device, its pools and encoders, and the model they must match."""
+
     def __init__(self):
         super().__init__()
         self.dev = mlxbuf.Device("host", residency=True)
@@ -700,9 +702,6 @@ class BufferMachine(RuleBasedStateMachine):
     def _epick(self, e):
         """The pick that _encoder maps to e."""
         return [x for x in self.encoders.values() if x.enc is not None].index(e)
-
-    def _closed_error(self, e):
-        return mlxbuf.CommandBufferError if e.state != "open" else None
 
     def _hold(self, e, s, write):
         if e not in s.holds:
