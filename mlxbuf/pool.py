@@ -242,7 +242,13 @@ class BufferPool:
         use stay valid and are freed (not cached) when their last reference dies."""
         handle, self._handle = self._handle, None
         if handle is not None:
-            ffi.release(handle)
+            # Not ffi.release(handle): another thread may be inside alloc()
+            # with this handle, and releasing would free the C pool under
+            # it. A zero cache limit frees the cache now and makes every
+            # storage that comes back later be freed instead of cached; the
+            # C reference goes when the last Python reference to the handle
+            # does.
+            lib.cm_pool_set_cache_limit(handle, 0, ffi.NULL)
 
     def __enter__(self) -> BufferPool:
         return self

@@ -425,3 +425,33 @@ def test_threads_churn_the_pool(device, pool):
     assert pool.in_use_count == 0
     pool.clear()
     assert device.active_memory == 0
+
+
+def test_close_while_another_thread_allocates(device):
+    """close() must not free the C pool under an alloc() already past its
+    closed check on another thread (it once did, through ffi.release)."""
+    for _ in range(50):
+        pool = mlxbuf.BufferPool(device)
+        started = threading.Event()
+        kept = []
+
+        def churn():
+            started.set()
+            for _ in range(200):
+                try:
+                    kept.append(pool.alloc(4096, "u8", (4096,)))
+                except mlxbuf.InvalidArgument:
+                    return  # closed: the documented error
+
+        t = threading.Thread(target=churn)
+        t.start()
+        started.wait()
+        pool.close()
+        t.join(timeout=30)
+        assert not t.is_alive()
+        assert pool.closed
+        for buf in kept[-3:]:
+            buf.numpy()[:] = 7  # buffers made before close stay valid
+        kept.clear()
+        gc.collect()
+    assert device.stats().cached_bytes == 0
