@@ -16,7 +16,8 @@ as much as numpy.empty itself) and squash every ratio towards 1. The
 Groups (one per size, so a size reads at a glance):
 
 - ``churn-4KiB``, ``churn-1MiB``: the pool is warmed so every op is a cache
-  hit (checked); ``Device.alloc_buffer`` is unpooled and zero-filled, and
+  hit (checked), through ``BufferPool.alloc`` and through a prepared
+  ``BufferPool.allocator()``; ``Device.alloc_buffer`` is unpooled and zero-filled, and
   stages a residency add and remove per op (never committed here, as
   between two submissions). Peers: ``numpy.empty``, ``numpy.zeros``,
   ``torch.empty`` (CPU) and mlx (``mx.eval(mx.zeros(...))`` on its default
@@ -82,6 +83,21 @@ def test_pool_hit(benchmark, pool, nbytes):
     misses = pool.stats().misses
     benchmark(_pool_loop(pool, nbytes))
     assert pool.stats().misses == misses, "a timed BufferPool.alloc missed the cache"
+
+
+@sizes
+def test_pool_allocator_hit(benchmark, pool, nbytes):
+    _churn(benchmark, nbytes, "BufferPool.allocator()")
+    make = pool.allocator(nbytes, "f32", _f32_shape(nbytes))
+    make()  # one storage of the class cached
+    misses = pool.stats().misses
+
+    def run():
+        for _ in OPS:
+            make()
+
+    benchmark(run)
+    assert pool.stats().misses == misses, "a timed allocator call missed the cache"
 
 
 @sizes

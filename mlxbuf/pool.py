@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, SupportsIndex
 
 from mlxbuf._cmetal import ffi, lib
@@ -180,6 +180,48 @@ class BufferPool:
             if not status:
                 return
         raise error_for(status, bytes=byte_len)
+
+    def allocator(
+        self, byte_len: SupportsIndex, dtype: DTypeLike, shape: ShapeLike, *, zero: bool = False
+    ) -> Callable[[], Buffer]:
+        """A function of no arguments that allocates ``alloc(byte_len, dtype, shape)``.
+
+        For the fixed scratch shapes of a decode loop: the request is
+        validated once, here, and each call then costs only the C allocation
+        and the Buffer, about a quarter less than ``alloc()``. Calling it
+        after ``close()`` raises InvalidArgument, like ``alloc()``.
+        """
+        byte_len, dt, shape = _prepare(byte_len, dtype, shape)
+        handle = self._live_handle()
+        device = self._device
+        zero_flag = 1 if zero else 0
+        pool = self
+
+        def allocate() -> Buffer:
+            # The same steps as alloc() after its validation (kept inline:
+            # a helper call here would cost a tenth of the allocation).
+            if pool._handle is None:
+                pool._live_handle()
+            try:
+                res = _tls.res
+            except AttributeError:
+                res = _result()
+            status = _pool_alloc(handle, byte_len, zero_flag, res)
+            if status:
+                pool._alloc_failed(status, handle, byte_len, zero, res)
+            storage = res.storage
+            class_len = res.byte_len
+            buf = _new(Buffer)
+            buf._device = device
+            buf._storage = _gc(storage, _release, class_len)
+            buf._dtype = dt
+            buf._shape = shape
+            buf._byte_offset = 0
+            buf._byte_len = class_len
+            return buf
+
+        allocate.__qualname__ = f"BufferPool.allocator({byte_len}, {dt}, {shape})"
+        return allocate
 
     def alloc_batch(
         self, requests: Iterable[tuple[SupportsIndex, DTypeLike, ShapeLike]], *, zero: bool = False

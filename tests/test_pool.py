@@ -455,3 +455,35 @@ def test_close_while_another_thread_allocates(device):
         kept.clear()
         gc.collect()
     assert device.stats().cached_bytes == 0
+
+
+def test_allocator_makes_the_same_buffers_as_alloc(device, pool):
+    make = pool.allocator(4000, "f32", (1000,))
+    a = make()
+    assert (a.dtype, a.shape, a.byte_len) == (mlxbuf.DType.F32, (1000,), pool.size_class(4000))
+    assert not a.numpy().any()  # fresh storages are zero-filled
+    a.numpy()[:] = 5
+    address = a.contents_ptr
+    del a
+    b = make()  # the cached storage comes back, not re-zeroed
+    assert b.contents_ptr == address
+    assert b.numpy()[0] == 5
+    zeroing = pool.allocator(4000, "f32", (1000,), zero=True)
+    del b
+    c = zeroing()
+    assert c.contents_ptr == address and not c.numpy().any()
+    assert pool.stats().hits == 2
+
+
+def test_allocator_validates_once_and_stops_at_close(device):
+    pool = mlxbuf.BufferPool(device)
+    with pytest.raises(mlxbuf.InvalidArgument, match="4096"):
+        pool.allocator(16, "f32", (1024,))  # 4096 bytes do not fit in 16
+    with pytest.raises(mlxbuf.UnsupportedDtype, match="f128"):
+        pool.allocator(16, "f128", (1,))
+    make = pool.allocator(64, "u8", (64,))
+    keep = make()
+    pool.close()
+    with pytest.raises(mlxbuf.InvalidArgument, match="closed"):
+        make()
+    keep.numpy()[:] = 1  # made before close: still valid
