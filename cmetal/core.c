@@ -298,8 +298,13 @@ int cm_device_synchronize(cm_device_t *dev)
         return cm__fail(CM_ERR_INVALID_ARGUMENT, "cm_device_synchronize: device is NULL");
     pthread_mutex_lock(&dev->cb_lock);
     uint64_t target = dev->submitted;
-    while (dev->completed < target)
+    while (dev->completed < target) {
         pthread_cond_wait(&dev->cb_cond, &dev->cb_lock);
+        /* A commit whose submit failed takes its number back (and
+         * broadcasts): that buffer will never complete. */
+        if (target > dev->submitted)
+            target = dev->submitted;
+    }
     pthread_mutex_unlock(&dev->cb_lock);
     return CM_OK;
 }

@@ -11,6 +11,7 @@
 #define _DARWIN_C_SOURCE 1
 
 #include "cmetal.h"
+#include "internal.h" /* only for the failing-submit backend below */
 
 #include <inttypes.h>
 #include <pthread.h>
@@ -1248,6 +1249,62 @@ static void test_destroy_from_worker(void)
     sleep_ms(200);
 }
 
+/* A submit that fails while a synchronize() is already waiting for it:
+ * the commit counted the buffer as submitted before calling the backend,
+ * so the waiter's target includes a buffer that will never complete. The
+ * backend is the host one with submit replaced; the waiter starts inside
+ * submit, i.e. exactly in that window. */
+static cm_backend_t failing_backend;
+static cm_device_t *sync_dev;
+static pthread_t sync_thread;
+static atomic_int sync_started, sync_done;
+
+static void *sync_main(void *p)
+{
+    (void)p;
+    atomic_store(&sync_started, 1);
+    cm_device_synchronize(sync_dev);
+    atomic_store(&sync_done, 1);
+    return NULL;
+}
+
+static int failing_submit(void *state, cm_cmdbuf_t *cb)
+{
+    (void)state;
+    (void)cb;
+    CHECK(pthread_create(&sync_thread, NULL, sync_main, NULL) == 0);
+    for (int i = 0; i < 10000 && !atomic_load(&sync_started); i++)
+        sleep_ms(1);
+    /* Let it reach its wait; if it has not, the check below can only pass. */
+    sleep_ms(50);
+    return cm__fail(CM_ERR_COMMAND_BUFFER, "injected submit failure");
+}
+
+static void test_synchronize_after_failed_submit(void)
+{
+    cm_device_t *dev = open_host(0);
+    const cm_backend_t *real = dev->backend;
+    failing_backend = *real;
+    failing_backend.submit = failing_submit;
+    sync_dev = dev;
+    cm_cmdbuf_t *cb;
+    CHECK_OK(cm_cmdbuf_create(dev, &cb));
+    dev->backend = &failing_backend;
+    CHECK(cm_cmdbuf_commit(cb) == CM_ERR_COMMAND_BUFFER);
+    dev->backend = real;
+    CHECK_EQ_U(stats(dev).submitted, 0);
+    for (int i = 0; i < 5000 && !atomic_load(&sync_done); i++)
+        sleep_ms(1);
+    CHECK(atomic_load(&sync_done) == 1);
+    /* The failed buffer can still be committed; its completion also frees
+     * a waiter that missed the failure, so the test ends either way. */
+    CHECK_OK(cm_cmdbuf_commit(cb));
+    CHECK_OK(cm_cmdbuf_wait(cb));
+    pthread_join(sync_thread, NULL);
+    cm_cmdbuf_release(cb);
+    cm_device_release(dev);
+}
+
 int main(void)
 {
     struct {
@@ -1270,6 +1327,7 @@ int main(void)
         {"keepalive", test_keepalive},
         {"threads", test_threads},
         {"destroy_from_worker", test_destroy_from_worker},
+        {"sync_after_failed_submit", test_synchronize_after_failed_submit},
     };
     for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
         int before = failures;
