@@ -28,6 +28,9 @@ tar -C "$root" --exclude=./.git --exclude=./.venv --exclude='*.so' \
 
 # gcc's runtimes, preloaded because the interpreter is not instrumented.
 preload="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
+for lib in $preload; do
+    [ -f "$lib" ] || { echo "gcc's sanitizer runtime $lib is missing (Debian: libgcc-NN-dev)"; exit 1; }
+done
 san_env=(
     env "LD_PRELOAD=$preload"
     "ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:strict_init_order=1"
