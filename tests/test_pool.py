@@ -435,7 +435,7 @@ def test_close_while_another_thread_allocates(device):
         started = threading.Event()
         kept = []
 
-        def churn():
+        def churn(pool, started, kept):
             started.set()
             for _ in range(200):
                 try:
@@ -443,7 +443,7 @@ def test_close_while_another_thread_allocates(device):
                 except mlxbuf.InvalidArgument:
                     return  # closed: the documented error
 
-        t = threading.Thread(target=churn)
+        t = threading.Thread(target=churn, args=(pool, started, kept))
         t.start()
         started.wait()
         pool.close()
