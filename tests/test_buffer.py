@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import mlxbuf
 from mlxbuf import DType
-from support import assert_names
+from support import assert_names, run_threads
 
 
 def test_alloc_is_zero_filled_page_aligned_and_described(device):
@@ -328,11 +328,7 @@ def test_four_threads_alloc_and_drop(device):
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
-    threads = [threading.Thread(target=churn, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(churn, [(i,) for i in range(4)])
     gc.collect()
     assert not errors
     assert device.active_memory == start

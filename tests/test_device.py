@@ -9,7 +9,7 @@ import threading
 import pytest
 
 import mlxbuf
-from support import assert_names
+from support import assert_names, run_threads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,11 +88,7 @@ def test_default_device_is_cached_and_thread_safe():
         barrier.wait()
         seen.append(mlxbuf.default_device())
 
-    threads = [threading.Thread(target=grab) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(grab, [()] * 4)
     assert len({id(d) for d in seen}) == 1
     assert seen[0] is mlxbuf.default_device()
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import mlxbuf
 from mlxbuf._cmetal import ffi, lib
-from support import assert_names
+from support import assert_names, run_threads
 
 KIB = 1 << 10
 MIB = 1 << 20
@@ -415,11 +415,7 @@ def test_threads_churn_the_pool(device, pool):
         except Exception as e:  # pragma: no cover
             errors.append(e)
 
-    threads = [threading.Thread(target=churn, args=(s,)) for s in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(churn, [(s,) for s in range(4)])
     gc.collect()
     assert not errors
     assert pool.in_use_count == 0
