@@ -71,7 +71,10 @@ static int pick_backend(int backend, const cm_backend_t **out)
 {
     switch (backend) {
     case CM_BACKEND_AUTO:
-#if defined(CM_HAVE_METAL)
+        /* A simulated Metal (CM_METAL_SIMULATED: a Linux test build) is
+         * opened only when asked for by name, never picked for a program
+         * that asked for the best device. */
+#if defined(CM_HAVE_METAL) && !defined(CM_METAL_SIMULATED)
         if (cm_metal_backend.available()) {
             *out = &cm_metal_backend;
             return CM_OK;
