@@ -1,7 +1,9 @@
 /*
  * metal.m -- the Metal backend: the primitives of cm_backend_t over Metal,
- * in Objective-C with ARC. Built on macOS only (CM_HAVE_METAL); on Linux it
- * is type-checked against cmetal/stubs by cmetal/check_objc.sh.
+ * in Objective-C with ARC. Built on macOS (CM_HAVE_METAL); on Linux it is
+ * type-checked against cmetal/stubs by cmetal/check_objc.sh, and a
+ * simulator build (MLXBUF_METAL_SIM=1) runs this same file against the
+ * simulated Metal in metalsim/.
  *
  * The core (core.c, pool.c) owns every policy: refcounts, residency staging
  * and sharding, pools, in-flight holds, locking. This file only translates
@@ -48,6 +50,22 @@
 #define CM_AVAILABLE_RESIDENCY                             \
     __attribute__((availability(macos, introduced = 15.0), \
                    availability(ios, introduced = 18.0)))
+
+/* Is the macOS 15 / iOS 18 API there at run time? On Apple targets this is
+ * @available, which also keeps clang's compile-time availability check
+ * (-Wunguarded-availability) honest. Elsewhere clang compiles @available
+ * to constant true, so a non-Apple build (the simulated Metal on Linux)
+ * asks NSProcessInfo for the running OS version instead. */
+#if defined(__APPLE__)
+#define CM_MACOS15_AVAILABLE @available(macOS 15.0, iOS 18.0, *)
+#else
+#define CM_MACOS15_AVAILABLE cm_os_at_least(15)
+static inline bool cm_os_at_least(NSInteger major)
+{
+    NSOperatingSystemVersion v = {major, 0, 0};
+    return [[NSProcessInfo processInfo] isOperatingSystemAtLeastVersion:v];
+}
+#endif
 
 /* Shared storage is the point of the library: CPU and GPU see the same
  * bytes with no copy. Default hazard tracking lets Metal order command
@@ -181,7 +199,7 @@ static id<MTLResidencySet> new_residency_set(id<MTLDevice> device, const char *l
  * residency sets" instead of returning nil (seen in llama.cpp #11903). */
 static void probe_residency(id<MTLDevice> device, cm_device_info_t *info)
 {
-    if (@available(macOS 15.0, iOS 18.0, *)) {
+    if (CM_MACOS15_AVAILABLE) {
         if (![device supportsFamily:MTLGPUFamilyApple6]) {
             info->residency_enabled = 0;
             copy_cstr(info->residency_disabled_reason, sizeof info->residency_disabled_reason,
@@ -209,7 +227,7 @@ static int metal_rset_create(void *state, unsigned index, void **rset)
 {
     cm_metal_state_t *st = state;
     @autoreleasepool {
-        if (@available(macOS 15.0, iOS 18.0, *)) {
+        if (CM_MACOS15_AVAILABLE) {
             char label[48];
             snprintf(label, sizeof label, "mlxbuf shard %u", index);
             @try {
@@ -239,7 +257,7 @@ static void metal_rset_destroy(void *state, void *rset)
     if (!rset)
         return;
     @autoreleasepool {
-        if (@available(macOS 15.0, iOS 18.0, *)) {
+        if (CM_MACOS15_AVAILABLE) {
             id<MTLResidencySet> set = (__bridge id<MTLResidencySet>)rset;
             @try {
                 /* Detach first so no later command buffer picks it up, and
@@ -258,7 +276,7 @@ static void metal_rset_destroy(void *state, void *rset)
 static void metal_rset_add(void *rset, cm_native_t native)
 {
     @autoreleasepool {
-        if (@available(macOS 15.0, iOS 18.0, *)) {
+        if (CM_MACOS15_AVAILABLE) {
             @try {
                 [(__bridge id<MTLResidencySet>)rset addAllocation:as_buffer(native)];
             } @catch (NSException *e) {
@@ -271,7 +289,7 @@ static void metal_rset_add(void *rset, cm_native_t native)
 static void metal_rset_remove(void *rset, cm_native_t native)
 {
     @autoreleasepool {
-        if (@available(macOS 15.0, iOS 18.0, *)) {
+        if (CM_MACOS15_AVAILABLE) {
             @try {
                 [(__bridge id<MTLResidencySet>)rset removeAllocation:as_buffer(native)];
             } @catch (NSException *e) {
@@ -284,7 +302,7 @@ static void metal_rset_remove(void *rset, cm_native_t native)
 static void metal_rset_commit(void *rset)
 {
     @autoreleasepool {
-        if (@available(macOS 15.0, iOS 18.0, *)) {
+        if (CM_MACOS15_AVAILABLE) {
             @try {
                 [(__bridge id<MTLResidencySet>)rset commit];
             } @catch (NSException *e) {
@@ -297,7 +315,7 @@ static void metal_rset_commit(void *rset)
 static void metal_rset_request(void *rset)
 {
     @autoreleasepool {
-        if (@available(macOS 15.0, iOS 18.0, *)) {
+        if (CM_MACOS15_AVAILABLE) {
             @try {
                 [(__bridge id<MTLResidencySet>)rset requestResidency];
             } @catch (NSException *e) {

@@ -78,8 +78,8 @@ MUTATIONS = [
         id="missing-arc-bridge",
     ),
     pytest.param(
-        "if (@available(macOS 15.0, iOS 18.0, *)) {",
-        "if (1) {",
+        "#define CM_MACOS15_AVAILABLE @available(macOS 15.0, iOS 18.0, *)",
+        "#define CM_MACOS15_AVAILABLE 1",
         "is only available on macOS 15.0 or newer",
         id="macos15-api-outside-available",
     ),
