@@ -10,10 +10,18 @@ The cdef is read from the real headers, so the header is the one source of
 truth for the ABI.
 
 Environment overrides (so CI can force a path):
+- ``MLXBUF_METAL_SIM=1`` -> a simulator build (Linux): cmetal/metal.m runs
+  against the simulated Metal in metalsim/ (clang-19 and ObjFW), so
+  ``Device("metal")`` opens the simulated device and ``mlxbuf.metalsim``
+  controls it. ``"auto"`` still picks the host backend.
 - ``MLXBUF_SANITIZE=address,undefined`` -> ``-fsanitize=... -fno-omit-frame-pointer
   -O1 -g`` at compile and link time (run Python with the sanitizer runtime
-  preloaded, e.g. ``LD_PRELOAD=$(gcc -print-file-name=libasan.so)``).
+  preloaded, e.g. ``LD_PRELOAD=$(gcc -print-file-name=libasan.so)``; a
+  simulator build uses clang's runtime instead).
+- ``MLXBUF_COVERAGE=1`` -> clang source-based coverage
+  (``-fprofile-instr-generate -fcoverage-mapping``; simulator builds only).
 - ``MLXBUF_DEBUG=1`` -> ``-O0 -g``.
+- ``CLANG`` -> the clang of a simulator build (default clang-19).
 """
 
 import glob
@@ -35,6 +43,9 @@ IS_MACOS = sys.platform == "darwin"
 IS_LINUX = sys.platform.startswith("linux")
 SANITIZE = os.environ.get("MLXBUF_SANITIZE", "").strip()
 DEBUG = os.environ.get("MLXBUF_DEBUG", "") == "1"
+METAL_SIM = os.environ.get("MLXBUF_METAL_SIM", "") == "1"
+COVERAGE = os.environ.get("MLXBUF_COVERAGE", "") == "1"
+CLANG = os.environ.get("CLANG", "clang-19")
 
 if SANITIZE:
     OPT_FLAGS = [f"-fsanitize={SANITIZE}", "-fno-omit-frame-pointer", "-O1", "-g"]
@@ -43,16 +54,57 @@ elif DEBUG:
     OPT_FLAGS, LINK_FLAGS = ["-O0", "-g"], []
 else:
     OPT_FLAGS, LINK_FLAGS = ["-O2"], []
+if COVERAGE:
+    if not METAL_SIM:
+        sys.exit("MLXBUF_COVERAGE=1 measures the simulator build: set MLXBUF_METAL_SIM=1 too")
+    OPT_FLAGS = [*OPT_FLAGS, "-fprofile-instr-generate", "-fcoverage-mapping"]
+    LINK_FLAGS = [*LINK_FLAGS, "-fprofile-instr-generate"]
+
+# How metal.m is compiled wherever it is: on macOS, and in a simulator build.
+METAL_OBJC_FLAGS = ["-fobjc-arc", "-fblocks"]
 
 # Sources are relative to the project root, where setuptools runs;
 # `python build_ffi.py` makes them absolute (see build_in_place).
 SOURCES = sorted(glob.glob("cmetal/*.c", root_dir=HERE)) + (["cmetal/metal.m"] if IS_MACOS else [])
 
-COMPILE_ARGS = ["-std=c11", "-Wall", *OPT_FLAGS] + (["-fobjc-arc", "-fblocks"] if IS_MACOS else [])
+COMPILE_ARGS = ["-std=c11", "-Wall", *OPT_FLAGS] + (METAL_OBJC_FLAGS if IS_MACOS else [])
 LINK_ARGS = LINK_FLAGS + (["-framework", "Metal", "-framework", "Foundation"] if IS_MACOS else [])
 DEFINE_MACROS = [("CM_HAVE_METAL", "1")] if IS_MACOS else []
 LIBRARIES = ["pthread"] if IS_LINUX else []
 INCLUDE_DIRS = ["cmetal"]
+EXTRA_OBJECTS: list[str] = []
+# The simulator's kernel trampoline into mlxbuf.metalsim (Python).
+EXTRA_CDEF = ""
+
+
+def _load_metalsim_build():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("metalsim_build", HERE / "metalsim" / "build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+if METAL_SIM:
+    # Simulator build: metal.m and the simulator are Objective-C files with
+    # per-file flags (the root class is built without ARC), so they are
+    # compiled ahead (cached) and linked in; clang compiles and links the
+    # rest, so coverage and sanitizer runtimes match.
+    if not IS_LINUX:
+        sys.exit("MLXBUF_METAL_SIM=1 is for Linux: on macOS the real Metal backend is built")
+    _sim = _load_metalsim_build()
+    _problem = _sim.toolchain_problem(CLANG)
+    if _problem:
+        sys.exit(f"MLXBUF_METAL_SIM=1 needs clang-19 and ObjFW: {_problem}")
+    os.environ.setdefault("CC", CLANG)
+    os.environ.setdefault("LDSHARED", f"{CLANG} -shared")
+    EXTRA_OBJECTS = [str(p) for p in _sim.build_objects(OPT_FLAGS, ["-std=c11", *METAL_OBJC_FLAGS], CLANG)]
+    HEADERS = [*HEADERS, "metalsim/metalsim.h"]
+    DEFINE_MACROS = [("CM_HAVE_METAL", "1"), ("CM_METAL_SIMULATED", "1")]
+    LIBRARIES = [*LIBRARIES, *_sim.LIBRARIES]
+    INCLUDE_DIRS = [*INCLUDE_DIRS, "metalsim"]
+    EXTRA_CDEF = 'extern "Python" int mlxbuf_metalsim_kernel(void *, const msim_kernel_args_t *);'
 
 # ---- cdef from the headers ----------------------------------------------------
 
@@ -81,8 +133,8 @@ def cdef_source(header_text):
 
 
 def read_cdef():
-    """The cdef text of every header in HEADERS, in order."""
-    return "\n".join(cdef_source((HERE / h).read_text()) for h in HEADERS)
+    """The cdef text of every header in HEADERS, in order (and the simulator's trampoline)."""
+    return "\n".join([*(cdef_source((HERE / h).read_text()) for h in HEADERS), EXTRA_CDEF])
 
 
 def make_builder(root=None):
@@ -98,6 +150,7 @@ def make_builder(root=None):
         define_macros=DEFINE_MACROS,
         extra_compile_args=COMPILE_ARGS,
         extra_link_args=LINK_ARGS,
+        extra_objects=EXTRA_OBJECTS,
         libraries=LIBRARIES,
         # Other C sources include Python.h without the limited API, and the
         # in-place build and setuptools must name the file alike (or a stale
