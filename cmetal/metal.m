@@ -791,23 +791,43 @@ static int get_builtins(cm_metal_state_t *st, cm_metal_builtins_t **out)
 /* Command buffers                                                     */
 /* ------------------------------------------------------------------ */
 
+/* A byte range that a command of the open blit encoder reads or writes. */
+typedef struct cm_metal_span {
+    cm_native_t buffer;
+    uint64_t offset, size;
+    bool write;
+} cm_metal_span_t;
+
+/* Spans remembered per blit encoder; a longer run of blits starts a new
+ * encoder, which bounds the checks at CM_METAL_MAX_SPANS per operation. */
+#define CM_METAL_MAX_SPANS 64
+
 /* One command buffer being encoded. At most one encoder is open; runs of
- * consecutive operations of one kind share it. */
+ * consecutive operations of one kind share it, except dependent blits
+ * (see order_blit). */
 typedef struct cm_metal_encoding {
     id<MTLCommandBuffer> cmd;
     id<MTLBlitCommandEncoder> blit;
     id<MTLComputeCommandEncoder> compute;
     bool dispatched;                  /* the open compute encoder dispatched */
+    cm_metal_span_t spans[CM_METAL_MAX_SPANS]; /* what the open blit encoder touches */
+    size_t nspans;
 } cm_metal_encoding_t;
 
 /* Metal asserts when an encoder is released without endEncoding, so every
  * path out of submit, errors included, comes through here. */
-static void end_encoding(cm_metal_encoding_t *enc)
+static void end_blit(cm_metal_encoding_t *enc)
 {
     if (enc->blit) {
         [enc->blit endEncoding];
         enc->blit = nil;
     }
+    enc->nspans = 0;
+}
+
+static void end_encoding(cm_metal_encoding_t *enc)
+{
+    end_blit(enc);
     if (enc->compute) {
         [enc->compute endEncoding];
         enc->compute = nil;
@@ -831,10 +851,7 @@ static id<MTLBlitCommandEncoder> blit_encoder(cm_metal_encoding_t *enc)
  * and command buffers Metal's hazard tracking orders the work.) */
 static id<MTLComputeCommandEncoder> compute_encoder_for_dispatch(cm_metal_encoding_t *enc)
 {
-    if (enc->blit) {
-        [enc->blit endEncoding];
-        enc->blit = nil;
-    }
+    end_blit(enc);
     if (!enc->compute) {
         enc->compute = [enc->cmd computeCommandEncoder];
         enc->dispatched = false;
@@ -857,6 +874,34 @@ static inline MTLSize mtl_size(uint64_t x, uint64_t y, uint64_t z)
 static bool aligned4(uint64_t a, uint64_t b, uint64_t c)
 {
     return ((a | b | c) & 3u) == 0;
+}
+
+static bool spans_conflict(const cm_metal_span_t *a, const cm_metal_span_t *b)
+{
+    return a->buffer == b->buffer && (a->write || b->write) && a->size && b->size &&
+           a->offset < b->offset + b->size && b->offset < a->offset + a->size;
+}
+
+/* Apple documents no order among the commands of one blit encoder (a
+ * serial compute encoder's dispatches are ordered, and Metal orders
+ * encoders), so an operation that depends on an earlier one of the open
+ * blit encoder -- it reads or writes bytes that one wrote, or writes bytes
+ * it read -- goes to a new blit encoder. Call before encoding a blit
+ * operation that touches `op`, and note_blit after. */
+static void order_blit(cm_metal_encoding_t *enc, const cm_metal_span_t *op, size_t n)
+{
+    bool conflict = enc->nspans + n > CM_METAL_MAX_SPANS;
+    for (size_t i = 0; i < enc->nspans && !conflict; i++)
+        for (size_t k = 0; k < n && !conflict; k++)
+            conflict = spans_conflict(&enc->spans[i], &op[k]);
+    if (conflict)
+        end_blit(enc);
+}
+
+static void note_blit(cm_metal_encoding_t *enc, const cm_metal_span_t *op, size_t n)
+{
+    for (size_t k = 0; k < n && enc->blit && enc->nspans < CM_METAL_MAX_SPANS; k++)
+        enc->spans[enc->nspans++] = op[k];
 }
 
 /* Run one byte kernel: src is nil for a fill. */
@@ -936,6 +981,12 @@ static int encode_op(cm_metal_state_t *st, cm_metal_encoding_t *enc,
         uint64_t dof = op->dst_offset + op->dst->native_offset;
         id<MTLBuffer> src = as_buffer(op->src->native);
         id<MTLBuffer> dst = as_buffer(op->dst->native);
+        cm_metal_span_t touched[2] = {{op->src->native, so, op->nbytes, false},
+                                      {op->dst->native, dof, op->nbytes, true}};
+        bool blit = aligned4(so, dof, op->nbytes);
+        if (blit)
+            order_blit(enc, touched, 2);
+        int rc;
         if (op->src->native == op->dst->native && ranges_overlap(so, dof, op->nbytes)) {
             /* Blits and the byte kernel are undefined on overlapping
              * ranges. The core refuses overlaps within one storage, but two
@@ -951,15 +1002,28 @@ static int encode_op(cm_metal_state_t *st, cm_metal_encoding_t *enc,
                                 "cannot allocate a %s scratch buffer for an overlapping copy",
                                 cm__fmt_bytes(op->nbytes, a, sizeof a));
             }
-            int rc = encode_copy(enc, builtins, src, so, tmp, 0, op->nbytes);
-            return rc != CM_OK ? rc : encode_copy(enc, builtins, tmp, 0, dst, dof, op->nbytes);
+            rc = encode_copy(enc, builtins, src, so, tmp, 0, op->nbytes);
+            if (rc == CM_OK)
+                rc = encode_copy(enc, builtins, tmp, 0, dst, dof, op->nbytes);
+        } else {
+            rc = encode_copy(enc, builtins, src, so, dst, dof, op->nbytes);
         }
-        return encode_copy(enc, builtins, src, so, dst, dof, op->nbytes);
+        if (rc == CM_OK && blit)
+            note_blit(enc, touched, 2);
+        return rc;
     }
-    case CM_OP_FILL:
-        return encode_fill(enc, builtins, as_buffer(op->dst->native),
-                           op->dst_offset + op->dst->native_offset, op->nbytes,
-                           (uint8_t)op->value);
+    case CM_OP_FILL: {
+        uint64_t off = op->dst_offset + op->dst->native_offset;
+        cm_metal_span_t touched = {op->dst->native, off, op->nbytes, true};
+        bool blit = aligned4(off, op->nbytes, 0);
+        if (blit)
+            order_blit(enc, &touched, 1);
+        int rc = encode_fill(enc, builtins, as_buffer(op->dst->native), off, op->nbytes,
+                             (uint8_t)op->value);
+        if (rc == CM_OK && blit)
+            note_blit(enc, &touched, 1);
+        return rc;
+    }
     case CM_OP_DISPATCH: {
         id<MTLComputeCommandEncoder> ce = compute_encoder_for_dispatch(enc);
         if (!ce)
@@ -1104,7 +1168,7 @@ static int metal_submit(void *state, cm_cmdbuf_t *cb)
         if (rc != CM_OK)
             return rc;
 
-        cm_metal_encoding_t enc = {nil, nil, nil, false};
+        cm_metal_encoding_t enc = {nil, nil, nil, false, {{0}}, 0};
         /* Exactly one of the completion handler and a failed commit may
          * report this command buffer; whoever flips the flag first does. */
         __block atomic_int claimed = 0;
