@@ -1,10 +1,24 @@
 """Shared fixtures: one `device` fixture over every available backend.
 
 MLXBUF_TEST_BACKENDS=host,metal narrows (or names) the backends to test;
-by default every backend this machine can open is used. Tests that need a
-Metal device carry the `requires_metal` marker and skip elsewhere.
+by default every backend this machine can open is used: host everywhere,
+metal on Apple Silicon macOS and in a simulator build (MLXBUF_METAL_SIM=1,
+where "metal" is the simulated Metal). Tests that need a Metal device
+carry the `requires_metal` marker and skip elsewhere.
+
+MLXBUF_BACKEND=metal (the simulator's README command) means the run is
+about Metal: it fails at once where this build has no Metal backend,
+instead of passing on host alone, and mlxbuf's own meaning of the variable
+applies inside the tests too (Device("auto") and default_device() open
+Metal), so the tests that do not name a backend run on Metal as well.
+
+On the simulator, an autouse fixture fails every test after which a new
+Metal validation error was recorded (a broken Metal rule is a bug in
+mlxbuf until shown otherwise); a test that breaks a rule on purpose takes
+the `metalsim_validation` fixture and consumes the messages it expects.
 """
 
+import collections
 import gc
 import os
 
@@ -12,6 +26,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import mlxbuf
+from mlxbuf import metalsim
 from mlxbuf._cmetal import lib
 from support import hypothesis_profile
 
@@ -35,7 +50,10 @@ if os.environ.get("MLXBUF_SANITIZER_RUN") and "ASAN_OPTIONS" in os.environ:
 _CODES = {"host": lib.CM_BACKEND_HOST, "metal": lib.CM_BACKEND_METAL}
 AVAILABLE = [name for name, code in _CODES.items() if lib.cm_backend_available(code)]
 METAL_AVAILABLE = "metal" in AVAILABLE
-NO_METAL_REASON = "needs a Metal device (Apple Silicon macOS); this machine has none"
+NO_METAL_REASON = (
+    "needs a Metal device: Apple Silicon macOS, or a simulator build of mlxbuf "
+    "(MLXBUF_METAL_SIM=1 python3 -m pip install -e .); this build has none"
+)
 
 
 def _requested_backends():
@@ -50,6 +68,15 @@ def _requested_backends():
 
 
 BACKENDS = _requested_backends()
+
+
+def pytest_configure(config):
+    if os.environ.get("MLXBUF_BACKEND", "").strip().lower() == "metal" and not METAL_AVAILABLE:
+        raise pytest.UsageError(
+            "MLXBUF_BACKEND=metal asks to test the Metal backend, which this build of mlxbuf "
+            "does not have; on Linux build the simulated Metal first: "
+            'MLXBUF_METAL_SIM=1 python3 -m pip install -e ".[test]"'
+        )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -107,3 +134,85 @@ def pool(device):
     yield p
     p.close()
 
+
+
+# ---- the simulated Metal's validation layer ------------------------------------
+
+
+class ValidationLog:
+    """The simulator's validation messages recorded since a test began."""
+
+    def __init__(self):
+        self.start = lib.msim_validation_count() if metalsim.available() else 0
+
+    def new(self):
+        """Messages recorded since the start (or the last take())."""
+        if not metalsim.available():
+            return []
+        lib.msim_drain()
+        count = lib.msim_validation_count()
+        if count == self.start:
+            return []
+        messages = metalsim.validation_messages()
+        return messages[max(0, len(messages) - (count - self.start)):]
+
+    def take(self):
+        """The new messages; they no longer fail the test."""
+        messages = self.new()
+        self.start += len(messages)
+        return messages
+
+
+@pytest.fixture(autouse=True)
+def _no_new_validation_errors(request):
+    """After every test on a simulator build: no Metal rule was broken."""
+    log = ValidationLog()
+    request.node._metalsim_log = log
+    yield
+    if not metalsim.available():
+        return
+    messages = log.new()
+    if messages:
+        shown = "\n  ".join(messages[:20])
+        more = f"\n  ... and {len(messages) - 20} more" if len(messages) > 20 else ""
+        pytest.fail(f"the simulated Metal recorded {len(messages)} validation error(s):\n  {shown}{more}", pytrace=False)
+
+
+@pytest.fixture
+def metalsim_validation(request):
+    """The test's ValidationLog: take() the messages a test provokes on purpose."""
+    if not metalsim.available():
+        pytest.skip("needs the simulated Metal (a MLXBUF_METAL_SIM=1 build)")
+    return request.node._metalsim_log
+
+
+_RUN_BY_BACKEND = collections.Counter()
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" and report.passed:
+        callspec = getattr(report, "_mlxbuf_backend", None)
+        if callspec:
+            _RUN_BY_BACKEND[callspec] += 1
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if "backend" in params:
+        report._mlxbuf_backend = params["backend"]
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _RUN_BY_BACKEND:
+        counts = ", ".join(f"{name} {n}" for name, n in sorted(_RUN_BY_BACKEND.items()))
+        terminalreporter.write_line(f"tests passed per backend parameter: {counts}")
+    if metalsim.available():
+        stats = metalsim.stats()
+        terminalreporter.write_line(
+            f"simulated Metal: {stats['validation_errors']} validation error(s) recorded, "
+            f"{stats['command_buffers_completed']} command buffers run, "
+            f"{stats['residency_commits']} residency commits"
+        )

@@ -1,8 +1,12 @@
 """Helpers shared by the tests (imported as `support`; tests/ is on sys.path under pytest)."""
 
+import ctypes
 import gc
+import mmap
 import os
 import threading
+
+import numpy as np
 
 
 def assert_names(excinfo, *fragments):
@@ -34,3 +38,19 @@ def run_threads(target, args_list, timeout=60.0):
         t.join(timeout)
     stuck = [t.name for t in threads if t.is_alive()]
     assert not stuck, f"threads still running after {timeout} s (deadlock?): {stuck}"
+
+
+def page_aligned_array(n, dtype, page):
+    """A numpy array of n elements whose data starts on a page boundary
+    (Metal wraps only page-aligned memory without copying)."""
+    itemsize = np.dtype(dtype).itemsize
+    raw = np.zeros(n * itemsize + page, np.uint8)
+    start = -raw.ctypes.data % page
+    return raw[start : start + n * itemsize].view(dtype)
+
+
+def page_aligned_ctypes(n):
+    """A ctypes uint8 array of n bytes at the start of its own anonymous
+    mapping (page-aligned; the array keeps the mapping alive)."""
+    mapping = mmap.mmap(-1, max(n, mmap.PAGESIZE))
+    return (ctypes.c_uint8 * n).from_buffer(mapping)

@@ -1,9 +1,15 @@
-"""Compute: Unsupported on the host backend; libraries, kernels and dispatch on Metal."""
+"""Compute: Unsupported on the host backend; libraries, kernels and dispatch on Metal.
+
+On the simulated Metal the kernels run as numpy references registered with
+mlxbuf.metalsim.register_kernel (the simulator cannot compile MSL); on a
+Mac the MSL itself runs.
+"""
 
 import numpy as np
 import pytest
 
 import mlxbuf
+from mlxbuf import metalsim
 from support import assert_names
 
 ADD_SOURCE = """
@@ -31,8 +37,18 @@ def test_library_and_kernel_objects_are_not_constructible():
             cls()
 
 
+def add_scalar_reference(grid, threadgroup, buffers, constants):
+    """ADD_SOURCE's add_scalar in numpy: out[i] = a[i] + k for i < grid width."""
+    n = grid[0]
+    a = buffers[0][: 4 * n].view(np.float32)
+    out = buffers[1][: 4 * n].view(np.float32)
+    out[:] = a + np.frombuffer(constants[:4], np.float32)[0]
+
+
 @pytest.fixture
 def metal_device():
+    if metalsim.available():
+        metalsim.register_kernel("add_scalar", add_scalar_reference)
     return mlxbuf.Device("metal")
 
 

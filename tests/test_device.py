@@ -103,7 +103,7 @@ def test_default_device_metal_env_without_metal():
     from mlxbuf._cmetal import lib
 
     if lib.cm_backend_available(lib.CM_BACKEND_METAL):
-        pytest.skip("this machine has Metal, so MLXBUF_BACKEND=metal succeeds")
+        pytest.skip("this build has a Metal backend (a Mac or the simulated Metal), so MLXBUF_BACKEND=metal succeeds")
     r = run_python(
         "import mlxbuf\n"
         "try:\n    mlxbuf.default_device()\n"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import mlxbuf
-from support import assert_names
+from support import assert_names, page_aligned_array
 
 
 class Owner:
@@ -20,14 +20,6 @@ class Owner:
     def __init__(self, n):
         self.block = (ctypes.c_uint8 * n)()
         self.address = ctypes.addressof(self.block)
-
-
-def page_aligned_array(n, dtype, page):
-    """A numpy array of n elements whose data starts on a page boundary."""
-    itemsize = np.dtype(dtype).itemsize
-    raw = np.zeros(n * itemsize + page, np.uint8)
-    start = -raw.ctypes.data % page
-    return raw[start : start + n * itemsize].view(dtype)
 
 
 # ---- from_raw (host memory) ---------------------------------------------------

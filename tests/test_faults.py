@@ -21,7 +21,7 @@ import pytest
 
 import mlxbuf
 from mlxbuf._cmetal import ffi, lib
-from support import assert_names
+from support import assert_names, page_aligned_array, page_aligned_ctypes
 
 KIB = 1 << 10
 MIB = 1 << 20
@@ -215,7 +215,9 @@ def test_load_safetensors_failure_leaves_nothing(device, tmp_path):
 
 
 def test_from_numpy_failure_keeps_the_array_and_its_refcount(device):
-    array = np.arange(4096, dtype=np.uint8)
+    # Page-aligned, so Metal too wraps it without copying.
+    array = page_aligned_array(4096, np.uint8, 16384)
+    array[:] = np.arange(4096, dtype=np.uint32).astype(np.uint8)
     base = sys.getrefcount(array)
     before = snapshot(device)
     inject(device, nth=1)
@@ -229,7 +231,7 @@ def test_from_numpy_failure_keeps_the_array_and_its_refcount(device):
 
 
 def test_from_raw_failure_with_ctypes_memory(device):
-    block = (ctypes.c_uint8 * 256)()
+    block = page_aligned_ctypes(256)
     base = sys.getrefcount(block)
     inject(device, min_bytes=1)
     with pytest.raises(mlxbuf.BufferAllocationError):

@@ -1,8 +1,9 @@
 """Stateful model test: random sequences of buffer operations against a pure-Python model.
 
-A hypothesis RuleBasedStateMachine drives one host device, two pools (one
-whose small cache limit forces evictions) and a handful of command
-encoders through allocations, clones, slices, views, numpy views and
+A hypothesis RuleBasedStateMachine drives one device of each tested
+backend (host, and metal where it exists: the simulated Metal on Linux),
+two pools (one whose small cache limit forces evictions) and a handful of
+command encoders through allocations, clones, slices, views, numpy views and
 memoryviews, CPU writes and reads, drops, encoded copies and fills,
 commits, waits, discards, residency flushes and pool clears and closes.
 After every step the real device is compared with the model: the bytes of
@@ -34,7 +35,7 @@ import os
 import numpy as np
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 import mlxbuf
 from mlxbuf import DType
@@ -192,11 +193,13 @@ def _info(buf):
 
 
 class BufferMachine(RuleBasedStateMachine):
-    """A fresh host device, its pools and encoders, and the model they must match."""
+    """A fresh device of `backend`, its pools and encoders, and the model they must match."""
+
+    backend = "host"
 
     def __init__(self):
         super().__init__()
-        self.dev = mlxbuf.Device("host", residency=True)
+        self.dev = mlxbuf.Device(self.backend, residency=True)
         self.rs = self.dev.residency_set
         self.rs.shard_cap = SHARD_CAP
         self.page = self.dev.page_size
@@ -1064,11 +1067,16 @@ class BufferMachine(RuleBasedStateMachine):
 
 
 _EXAMPLES, _STEPS = _budget()
-TestBufferMachine = BufferMachine.TestCase
-TestBufferMachine.settings = settings(
+_SETTINGS = settings(
     max_examples=_EXAMPLES,
     stateful_step_count=_STEPS,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
     print_blob=True,
 )
+
+
+def test_buffer_machine(backend):
+    """The machine on one device of each tested backend."""
+    machine = type(f"BufferMachine_{backend}", (BufferMachine,), {"backend": backend})
+    run_state_machine_as_test(machine, settings=_SETTINGS)

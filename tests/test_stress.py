@@ -16,6 +16,10 @@ in use, nothing live, nothing resident, every submitted command buffer
 completed. A thread still running after the join timeout is a deadlock
 and fails the test.
 
+It runs once per backend (the `backend` fixture): on the simulated Metal
+the storages are MTLBuffers, the command buffers run on the simulator's GPU
+thread and die on its completion thread.
+
 MLXBUF_STRESS_SECONDS sets the churn time (default 3 s; e.g. 600 for a
 long run).
 """
@@ -214,8 +218,8 @@ class Worker:
             self.inflight = []
 
 
-def test_threads_churn_and_everything_comes_back():
-    dev = mlxbuf.Device("host", residency=True)
+def test_threads_churn_and_everything_comes_back(backend):
+    dev = mlxbuf.Device(backend, residency=True)
     rs = dev.residency_set
     pool = mlxbuf.BufferPool(dev, cache_limit=2 << 20)
     dev.set_memory_limit(MEMORY_LIMIT)
