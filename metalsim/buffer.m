@@ -46,7 +46,8 @@ static __unsafe_unretained MSimBuffer *live_head;
     uint64_t _serial;
     NSUInteger _setRefs;
     MSimList *_accesses;
-    __unsafe_unretained MSimBuffer *_prev, *_next;
+    __unsafe_unretained MSimBuffer *_prev;
+    __unsafe_unretained MSimBuffer *_next;
 }
 
 static MTLStorageMode storage_of(MTLResourceOptions options)
@@ -76,8 +77,8 @@ static MTLHazardTrackingMode hazard_of(MTLResourceOptions options)
     }
 }
 
-+ (instancetype)bufferWithDevice:(MSimDevice *)device
-                          length:(NSUInteger)length
++ (instancetype)newWithDevice:(MSimDevice *)device
+                       length:(NSUInteger)length
                          options:(MTLResourceOptions)options
 {
     if (length == 0 || length > device.config.max_buffer_length)
@@ -140,8 +141,8 @@ static bool range_mapping(const void *p, size_t n, bool *writable)
     return want >= end;
 }
 
-+ (instancetype)bufferWithDevice:(MSimDevice *)device
-                           bytes:(void *)pointer
++ (instancetype)newWithDevice:(MSimDevice *)device
+                        bytes:(void *)pointer
                           length:(NSUInteger)length
                          options:(MTLResourceOptions)options
                      deallocator:(void (^)(void *, NSUInteger))deallocator
@@ -185,7 +186,7 @@ static bool range_mapping(const void *p, size_t n, bool *writable)
     return b;
 }
 
-+ (instancetype)bufferInHeap:(MSimHeap *)heap
++ (instancetype)newInHeap:(MSimHeap *)heap
                        bytes:(uint8_t *)bytes
                       offset:(NSUInteger)offset
                       length:(NSUInteger)length

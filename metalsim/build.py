@@ -112,3 +112,30 @@ def build_objects(
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
         list(pool.map(lambda job: _compile(clang, *job), todo))
     return objects
+
+
+def build_executable(
+    sources: list[pathlib.Path],
+    out: pathlib.Path,
+    extra_flags: list[str] | None = None,
+    clang: str = CLANG,
+) -> pathlib.Path:
+    """Link the simulator and the given Objective-C (ARC) sources into a
+    program at `out` (the rule tests); rebuilt only when an input changed."""
+    extra = list(extra_flags or [])
+    objects = build_objects(extra, None, clang)
+    flags = [*OBJFW_FLAGS, *SIM_FLAGS, *extra]
+    key = _key([clang, *flags, *map(str, objects)], [*sources, *_headers(), *objects])
+    stamp = out.with_name(out.name + ".key")
+    if out.exists() and stamp.exists() and stamp.read_text() == key:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".{os.getpid()}.tmp")
+    cmd = [clang, *flags, *map(str, sources), *map(str, objects), "-o", str(tmp),
+           *(f"-l{lib}" for lib in LIBRARIES)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"linking {out.name} failed:\n{' '.join(cmd)}\n{result.stderr}")
+    os.replace(tmp, out)
+    stamp.write_text(key)
+    return out

@@ -103,7 +103,7 @@
     MSIM_ENTRY();
     if (msim__take_fault(MSIM_FAULT_NEW_BUFFER))
         return nil;
-    return [MSimBuffer bufferWithDevice:self length:length options:options];
+    return [MSimBuffer newWithDevice:self length:length options:options];
 }
 
 - (id<MTLBuffer>)newBufferWithBytesNoCopy:(void *)pointer
@@ -114,11 +114,11 @@
     MSIM_ENTRY();
     if (msim__take_fault(MSIM_FAULT_NEW_BUFFER))
         return nil;
-    return [MSimBuffer bufferWithDevice:self
-                                  bytes:pointer
-                                 length:length
-                                options:options
-                            deallocator:deallocator];
+    return [MSimBuffer newWithDevice:self
+                               bytes:pointer
+                              length:length
+                             options:options
+                         deallocator:deallocator];
 }
 
 - (id<MTLHeap>)newHeapWithDescriptor:(MTLHeapDescriptor *)descriptor
@@ -186,7 +186,7 @@
     /* Apple's default (options nil, or fastMathEnabled untouched) is fast
      * math on. */
     BOOL fast = options ? options.fastMathEnabled : YES;
-    return [MSimLibrary libraryWithDevice:self source:source fastMath:fast error:error];
+    return [MSimLibrary newWithDevice:self source:source fastMath:fast error:error];
 }
 
 - (id<MTLComputePipelineState>)newComputePipelineStateWithFunction:(id<MTLFunction>)function

@@ -271,12 +271,12 @@ typedef struct msim_range {
      * memory is reused: fill it with a pattern, so code that relies on
      * zeroes shows. */
     memset(_bytes + offset, 0xCD, allocated);
-    return [MSimBuffer bufferInHeap:self
-                              bytes:_bytes + offset
-                             offset:offset
-                             length:length
-                      allocatedSize:allocated
-                            options:options];
+    return [MSimBuffer newInHeap:self
+                           bytes:_bytes + offset
+                          offset:offset
+                          length:length
+                   allocatedSize:allocated
+                         options:options];
 }
 
 @end

@@ -390,8 +390,8 @@ static size_t find_kernels(const char *text, msim_kernel_sig_t *out, size_t max)
     BOOL _fastMath;
 }
 
-+ (instancetype)libraryWithDevice:(MSimDevice *)device
-                           source:(NSString *)source
++ (instancetype)newWithDevice:(MSimDevice *)device
+                       source:(NSString *)source
                          fastMath:(BOOL)fastMath
                             error:(NSError **)error
 {

@@ -252,6 +252,10 @@ static void residency_api_check(MSimDevice *device, SEL cmd, id target)
 {
     if (_openPass == pass)
         _openPass = nil;
+    /* An encoder still open at commit (already reported) adds nothing
+     * later: the GPU thread may be running the passes. */
+    if (_committed)
+        return;
     pass.position = _passes.count;
     [_passes add:pass];
 }

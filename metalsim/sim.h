@@ -149,6 +149,9 @@ void msim__raise(NSExceptionName name, const char *fmt, ...) MSIM_PRINTF(2, 3)
 
 /* ---- buffer.m --------------------------------------------------------------- */
 
+/* The simulator's factories are in the new family (+1, no autorelease), as
+ * Metal's own newBuffer... are: a buffer must die when its last owner lets
+ * go, not when some autorelease pool drains. */
 @class MSimHeap, MSimList;
 
 @interface MSimBuffer : NSObject <MTLBuffer>
@@ -165,16 +168,16 @@ void msim__raise(NSExceptionName name, const char *fmt, ...) MSIM_PRINTF(2, 3)
 @property (nonatomic) NSUInteger setRefs;
 /* Hazard history of an untracked buffer (guarded by the simulator lock). */
 @property (nonatomic, strong, nullable) MSimList *accesses;
-+ (nullable instancetype)bufferWithDevice:(MSimDevice *)device
-                                   length:(NSUInteger)length
-                                  options:(MTLResourceOptions)options;
-+ (nullable instancetype)bufferWithDevice:(MSimDevice *)device
-                                    bytes:(void *)pointer
-                                   length:(NSUInteger)length
-                                  options:(MTLResourceOptions)options
-                              deallocator:(nullable void (^)(void *, NSUInteger))deallocator;
-+ (nullable instancetype)bufferInHeap:(MSimHeap *)heap
-                                bytes:(uint8_t *)bytes
++ (nullable instancetype)newWithDevice:(MSimDevice *)device
+                                length:(NSUInteger)length
+                               options:(MTLResourceOptions)options;
++ (nullable instancetype)newWithDevice:(MSimDevice *)device
+                                 bytes:(void *)pointer
+                                length:(NSUInteger)length
+                               options:(MTLResourceOptions)options
+                           deallocator:(nullable void (^)(void *, NSUInteger))deallocator;
++ (nullable instancetype)newInHeap:(MSimHeap *)heap
+                             bytes:(uint8_t *)bytes
                                offset:(NSUInteger)offset
                                length:(NSUInteger)length
                         allocatedSize:(NSUInteger)allocated
@@ -247,8 +250,8 @@ typedef struct msim_arg {
 @end
 
 @interface MSimLibrary : NSObject <MTLLibrary>
-+ (nullable instancetype)libraryWithDevice:(MSimDevice *)device
-                                    source:(NSString *)source
++ (nullable instancetype)newWithDevice:(MSimDevice *)device
+                                source:(NSString *)source
                                   fastMath:(BOOL)fastMath
                                      error:(NSError *_Nullable *_Nullable)error;
 @end

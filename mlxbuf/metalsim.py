@@ -193,7 +193,7 @@ if _AVAILABLE:
     def _trampoline_failed(exc: Any, value: Any, tb: Any) -> int:
         return 1  # the command buffer fails rather than pass silently
 
-    @ffi.def_extern(onerror=_trampoline_failed)  # type: ignore[misc]
+    @ffi.def_extern(onerror=_trampoline_failed)  # type: ignore[untyped-decorator]
     def mlxbuf_metalsim_kernel(ctx: Any, args: Any) -> int:
         """The simulator's entry into the registered Python kernels (GPU thread)."""
         name = ffi.string(args.name).decode("utf-8", "replace")
