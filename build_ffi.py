@@ -18,8 +18,8 @@ Environment overrides (so CI can force a path):
   -O1 -g`` at compile and link time (run Python with the sanitizer runtime
   preloaded, e.g. ``LD_PRELOAD=$(gcc -print-file-name=libasan.so)``; a
   simulator build uses clang's runtime instead).
-- ``MLXBUF_COVERAGE=1`` -> clang source-based coverage
-  (``-fprofile-instr-generate -fcoverage-mapping``; simulator builds only).
+- ``MLXBUF_COVERAGE=1`` -> gcov-style coverage (``--coverage``; simulator
+  builds only; .ci/metal_coverage.sh reads it).
 - ``MLXBUF_DEBUG=1`` -> ``-O0 -g``.
 - ``CLANG`` -> the clang of a simulator build (default clang-19).
 """
@@ -57,8 +57,10 @@ else:
 if COVERAGE:
     if not METAL_SIM:
         sys.exit("MLXBUF_COVERAGE=1 measures the simulator build: set MLXBUF_METAL_SIM=1 too")
-    OPT_FLAGS = [*OPT_FLAGS, "-fprofile-instr-generate", "-fcoverage-mapping"]
-    LINK_FLAGS = [*LINK_FLAGS, "-fprofile-instr-generate"]
+    # gcov's arc counters also count the @catch blocks that clang's
+    # source-based coverage miscounts.
+    OPT_FLAGS = [*OPT_FLAGS, "--coverage"]
+    LINK_FLAGS = [*LINK_FLAGS, "--coverage"]
 
 # How metal.m is compiled wherever it is: on macOS, and in a simulator build.
 METAL_OBJC_FLAGS = ["-fobjc-arc", "-fblocks"]

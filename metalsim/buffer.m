@@ -112,6 +112,8 @@ static MTLHazardTrackingMode hazard_of(MTLResourceOptions options)
     b->_bytes = (uint8_t *)start;
     b->_map = (void *)start;
     b->_mapLength = (size_t)allocated;
+    if (msim__take_misalign() && allocated - length >= 256)
+        b->_bytes += 256;
     [b msim_registerLive];
     return b;
 }

@@ -6,7 +6,10 @@ executable. One place holds the flags, so every user compiles alike.
 
 Objects are cached in build/metalsim/<key>/, keyed by the compiler, the
 flags and the text of every source and header involved, so repeated builds
-(pip runs build_ffi.py several times per install) compile once.
+(pip runs build_ffi.py several times per install) compile once. An object
+counts only once its ".done" stamp exists; it is compiled under its final
+name, because a coverage build (--coverage) records that path for its
+.gcda data.
 """
 
 from __future__ import annotations
@@ -69,13 +72,17 @@ def _headers() -> list[pathlib.Path]:
     return [p.resolve() for p in found]
 
 
+def _done(obj: pathlib.Path) -> pathlib.Path:
+    return obj.with_name(obj.name + ".done")
+
+
 def _compile(clang: str, src: pathlib.Path, obj: pathlib.Path, flags: list[str]) -> None:
-    tmp = obj.with_name(obj.name + f".{os.getpid()}.tmp")
-    cmd = [clang, "-c", str(src), "-o", str(tmp), *flags]
+    cmd = [clang, "-c", str(src), "-o", str(obj), *flags]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
+        obj.unlink(missing_ok=True)
         raise RuntimeError(f"compiling {src.name} failed:\n{' '.join(cmd)}\n{result.stderr}")
-    os.replace(tmp, obj)
+    _done(obj).touch()
 
 
 def build_objects(
@@ -106,7 +113,7 @@ def build_objects(
         key = _key([clang, *flags], [src, *headers])
         obj = out_root / key / (src.stem + ".o")
         objects.append(obj)
-        if not obj.exists():
+        if not _done(obj).exists():
             obj.parent.mkdir(parents=True, exist_ok=True)
             todo.append((src, obj, flags))
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:

@@ -124,6 +124,22 @@ int msim_fail_next(int what, uint64_t count)
     return 0;
 }
 
+static atomic_uint_fast64_t misalign;
+
+void msim_misalign_next(uint64_t count)
+{
+    atomic_store(&misalign, count);
+}
+
+bool msim__take_misalign(void)
+{
+    uint_fast64_t n = atomic_load(&misalign);
+    while (n > 0)
+        if (atomic_compare_exchange_weak(&misalign, &n, n - 1))
+            return true;
+    return false;
+}
+
 bool msim__take_fault(int what)
 {
     uint_fast64_t n = atomic_load(&faults[what]);
@@ -136,13 +152,17 @@ bool msim__take_fault(int what)
 #define MSIM_MAX_RAISE 8
 #define MSIM_SELECTOR_MAX 128
 
+/* What an armed selector does: raise an NSException, or return nil. */
+enum { KNOB_RAISE = 1, KNOB_NIL = 2 };
+
 static struct {
     char selector[MSIM_SELECTOR_MAX];
+    int what;
     uint64_t count;
 } raise_knobs[MSIM_MAX_RAISE];    /* guarded by sim_lock */
 static atomic_int raise_armed;
 
-int msim_raise_next(const char *selector, uint64_t count)
+static int arm(const char *selector, int what, uint64_t count)
 {
     if (!selector || !*selector || strlen(selector) >= MSIM_SELECTOR_MAX)
         return -1;
@@ -150,13 +170,15 @@ int msim_raise_next(const char *selector, uint64_t count)
     msim__lock();
     int slot = -1;
     for (int i = 0; i < MSIM_MAX_RAISE; i++) {
-        if (raise_knobs[i].count && strcmp(raise_knobs[i].selector, selector) == 0)
+        if (raise_knobs[i].count && raise_knobs[i].what == what &&
+            strcmp(raise_knobs[i].selector, selector) == 0)
             slot = i;
         else if (slot < 0 && !raise_knobs[i].count)
             slot = i;
     }
     if (slot >= 0) {
         snprintf(raise_knobs[slot].selector, MSIM_SELECTOR_MAX, "%s", selector);
+        raise_knobs[slot].what = what;
         raise_knobs[slot].count = count;
         rc = 0;
     }
@@ -167,10 +189,21 @@ int msim_raise_next(const char *selector, uint64_t count)
     return rc;
 }
 
+int msim_raise_next(const char *selector, uint64_t count)
+{
+    return arm(selector, KNOB_RAISE, count);
+}
+
+int msim_nil_next(const char *selector, uint64_t count)
+{
+    return arm(selector, KNOB_NIL, count);
+}
+
 void msim_reset_faults(void)
 {
     for (int i = 0; i < 5; i++)
         atomic_store(&faults[i], 0);
+    atomic_store(&misalign, 0);
     msim__lock();
     memset(raise_knobs, 0, sizeof raise_knobs);
     atomic_store(&raise_armed, 0);
@@ -178,28 +211,46 @@ void msim_reset_faults(void)
     atomic_store(&default_device_nil, 0);
 }
 
-void msim__entry(id self, SEL cmd)
+/* The armed knob (KNOB_*) that fires for this call, or 0. */
+static int take_knob(SEL cmd, bool nullable)
 {
     if (!atomic_load_explicit(&raise_armed, memory_order_relaxed))
-        return;
+        return 0;
     const char *name = sel_getName(cmd);
-    bool fire = false;
+    int fired = 0, armed = 0;
     msim__lock();
-    int armed = 0;
     for (int i = 0; i < MSIM_MAX_RAISE; i++) {
-        if (!fire && raise_knobs[i].count && strcmp(raise_knobs[i].selector, name) == 0) {
+        if (!fired && raise_knobs[i].count && strcmp(raise_knobs[i].selector, name) == 0 &&
+            (raise_knobs[i].what == KNOB_RAISE || nullable)) {
             raise_knobs[i].count--;
-            fire = true;
+            fired = raise_knobs[i].what;
         }
         armed |= raise_knobs[i].count != 0;
     }
     atomic_store(&raise_armed, armed);
     msim__unlock();
-    if (fire) {
-        MSIM_COUNT(exceptions_raised, 1);
-        msim__raise(@"MTLSimulatedFault", "simulated exception from -[%s %s]",
-                    class_getName(object_getClass(self)), name);
-    }
+    return fired;
+}
+
+static void fire_raise(id self, SEL cmd)
+{
+    MSIM_COUNT(exceptions_raised, 1);
+    msim__raise(@"MTLSimulatedFault", "simulated exception from -[%s %s]",
+                class_getName(object_getClass(self)), sel_getName(cmd));
+}
+
+void msim__entry(id self, SEL cmd)
+{
+    if (take_knob(cmd, false) == KNOB_RAISE)
+        fire_raise(self, cmd);
+}
+
+bool msim__entry_nullable(id self, SEL cmd)
+{
+    int fired = take_knob(cmd, true);
+    if (fired == KNOB_RAISE)
+        fire_raise(self, cmd);
+    return fired == KNOB_NIL;
 }
 
 /* ---- validation log ------------------------------------------------------------------ */

@@ -94,13 +94,13 @@
 
 - (id<MTLCommandQueue>)newCommandQueue
 {
-    MSIM_ENTRY();
+    MSIM_ENTRY_NULLABLE();
     return [[MSimCommandQueue alloc] initWithDevice:self];
 }
 
 - (id<MTLBuffer>)newBufferWithLength:(NSUInteger)length options:(MTLResourceOptions)options
 {
-    MSIM_ENTRY();
+    MSIM_ENTRY_NULLABLE();
     if (msim__take_fault(MSIM_FAULT_NEW_BUFFER))
         return nil;
     return [MSimBuffer newWithDevice:self length:length options:options];
@@ -123,25 +123,25 @@
 
 - (id<MTLHeap>)newHeapWithDescriptor:(MTLHeapDescriptor *)descriptor
 {
-    MSIM_ENTRY();
+    MSIM_ENTRY_NULLABLE();
     return [[MSimHeap alloc] initWithDevice:self descriptor:descriptor];
 }
 
 - (id<MTLFence>)newFence
 {
-    MSIM_ENTRY();
+    MSIM_ENTRY_NULLABLE();
     return [[MSimFence alloc] initWithDevice:self];
 }
 
 - (id<MTLEvent>)newEvent
 {
-    MSIM_ENTRY();
+    MSIM_ENTRY_NULLABLE();
     return [[MSimEvent alloc] initWithDevice:self];
 }
 
 - (id<MTLSharedEvent>)newSharedEvent
 {
-    MSIM_ENTRY();
+    MSIM_ENTRY_NULLABLE();
     return [[MSimSharedEvent alloc] initWithDevice:self];
 }
 
@@ -192,12 +192,19 @@
 - (id<MTLComputePipelineState>)newComputePipelineStateWithFunction:(id<MTLFunction>)function
                                                              error:(NSError **)error
 {
-    MSIM_ENTRY();
+    MSIM_ENTRY_NULLABLE();
     if (![(id)function isKindOfClass:[MSimFunction class]]) {
         if (error)
             *error = [NSError msim_errorWithDomain:MTLLibraryErrorDomain
                                               code:MTLLibraryErrorInternal
                                        description:@"not a function of a simulated library"];
+        return nil;
+    }
+    if (function.functionType != MTLFunctionTypeKernel) {
+        if (error)
+            *error = [NSError msim_errorWithDomain:MTLLibraryErrorDomain
+                                              code:MTLLibraryErrorInternal
+                                       description:@"a compute pipeline needs a kernel function"];
         return nil;
     }
     return [[MSimPipeline alloc] initWithDevice:self function:(MSimFunction *)function];
@@ -231,4 +238,39 @@ NSArray<id<MTLDevice>> *MTLCopyAllDevices(void)
 {
     id<MTLDevice> dev = the_device();
     return [NSArray arrayWithObjects:&dev count:1];
+}
+
+/* ---- objects for tests (metalsim.h) ------------------------------------------------- */
+
+uint64_t msim_new_buffer(uint64_t length, uint64_t options, uint64_t heap_size)
+{
+    @autoreleasepool {
+        id<MTLDevice> dev = the_device();
+        id<MTLBuffer> buf;
+        if (heap_size) {
+            MTLHeapDescriptor *desc = [[MTLHeapDescriptor alloc] init];
+            desc.size = (NSUInteger)heap_size;
+            desc.storageMode = (MTLStorageMode)((options >> 4) & 0xF);
+            buf = [[dev newHeapWithDescriptor:desc] newBufferWithLength:(NSUInteger)length
+                                                                  options:(MTLResourceOptions)options];
+        } else {
+            buf = [dev newBufferWithLength:(NSUInteger)length options:(MTLResourceOptions)options];
+        }
+        return (uint64_t)(uintptr_t)(__bridge_retained void *)buf;
+    }
+}
+
+uint64_t msim_new_fence(void)
+{
+    @autoreleasepool {
+        return (uint64_t)(uintptr_t)(__bridge_retained void *)[the_device() newFence];
+    }
+}
+
+void msim_release(uint64_t handle)
+{
+    @autoreleasepool {
+        id obj = (__bridge_transfer id)(void *)(uintptr_t)handle;
+        (void)obj;
+    }
 }

@@ -68,6 +68,7 @@ NSErrorDomain const MTLLibraryErrorDomain = @"MTLLibraryErrorDomain";
 /* ---- reading MSL --------------------------------------------------------------------- */
 
 typedef struct msim_kernel_sig {
+    MTLFunctionType type;
     char name[MSIM_NAME_MAX];
     msim_arg_t args[MSIM_MAX_ARGS];
     size_t nargs;
@@ -287,19 +288,41 @@ static bool parse_arg(const char *p, size_t n, msim_arg_t *arg)
     return true;
 }
 
-/* Every `kernel void NAME(` and its buffer arguments. */
+/* Every `kernel void NAME(` with its buffer arguments, and the `vertex T
+ * NAME(` and `fragment T NAME(` functions. */
 static size_t find_kernels(const char *text, msim_kernel_sig_t *out, size_t max)
 {
+    static const struct {
+        const char *word;
+        MTLFunctionType type;
+    } qualifiers[] = {
+        {"kernel", MTLFunctionTypeKernel},
+        {"vertex", MTLFunctionTypeVertex},
+        {"fragment", MTLFunctionTypeFragment},
+    };
     size_t count = 0;
-    for (const char *p = text; (p = strstr(p, "kernel")) && count < max; p += 6) {
-        if ((p > text && is_ident(p[-1])) || is_ident(p[6]))
+    for (const char *p = text; *p && count < max; p++) {
+        if (p > text && is_ident(p[-1]))
             continue;
-        const char *q = p + 6;
+        size_t which = 0, wlen = 0;
+        while (which < 3) {
+            wlen = strlen(qualifiers[which].word);
+            if (strncmp(p, qualifiers[which].word, wlen) == 0 && !is_ident(p[wlen]))
+                break;
+            which++;
+        }
+        if (which == 3)
+            continue;
+        const char *q = p + wlen;
         while (isspace((unsigned char)*q))
             q++;
-        if (strncmp(q, "void", 4) != 0 || is_ident(q[4]))
+        size_t tlen = 0;
+        while (is_ident(q[tlen]))
+            tlen++;
+        if (tlen == 0 || (qualifiers[which].type == MTLFunctionTypeKernel &&
+                          (tlen != 4 || strncmp(q, "void", 4) != 0)))
             continue;
-        q += 4;
+        q += tlen;
         while (isspace((unsigned char)*q))
             q++;
         size_t len = 0;
@@ -312,6 +335,7 @@ static size_t find_kernels(const char *text, msim_kernel_sig_t *out, size_t max)
             continue;
         msim_kernel_sig_t *k = &out[count++];
         memset(k, 0, sizeof *k);
+        k->type = qualifiers[which].type;
         memcpy(k->name, q, len);
         /* Split the parameter list at top-level commas. */
         const char *start = paren + 1;
@@ -340,11 +364,13 @@ static size_t find_kernels(const char *text, msim_kernel_sig_t *out, size_t max)
     msim_arg_t _args[MSIM_MAX_ARGS];
     NSUInteger _nargs;
     BOOL _fastMath;
+    MTLFunctionType _type;
 }
 
 - (instancetype)initWithSignature:(const msim_kernel_sig_t *)sig fastMath:(BOOL)fastMath
 {
     self = [super init];
+    _type = sig->type;
     _name = [NSString stringWithCString:sig->name encoding:NSUTF8StringEncoding];
     memcpy(_args, sig->args, sizeof _args);
     _nargs = sig->nargs;
@@ -370,7 +396,7 @@ static size_t find_kernels(const char *text, msim_kernel_sig_t *out, size_t max)
 - (MTLFunctionType)functionType
 {
     MSIM_ENTRY();
-    return MTLFunctionTypeKernel;
+    return _type;
 }
 
 - (NSString *)name
@@ -444,7 +470,7 @@ static size_t find_kernels(const char *text, msim_kernel_sig_t *out, size_t max)
 
 - (id<MTLFunction>)newFunctionWithName:(NSString *)name
 {
-    MSIM_ENTRY();
+    MSIM_ENTRY_NULLABLE();
     const char *want = name.UTF8String;
     for (size_t i = 0; want && i < _nkernels; i++)
         if (strcmp(_kernels[i].name, want) == 0)

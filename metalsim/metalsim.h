@@ -51,11 +51,25 @@ int msim_fail_next(int what, uint64_t count);
  * most 8 selectors are armed at once. Returns 0 or -1. */
 int msim_raise_next(const char *selector, uint64_t count);
 
+/* The next `count` calls of the simulated Metal method `selector` that
+ * Apple declares nullable (newCommandQueue, commandBuffer,
+ * blitCommandEncoder, computeCommandEncoder, newBufferWithLength:options:,
+ * newFunctionWithName:, newComputePipelineStateWithFunction:error:,
+ * newHeapWithDescriptor:, newFence, newEvent, newSharedEvent) return nil.
+ * Shares the 8 slots of msim_raise_next. Returns 0 or -1. */
+int msim_nil_next(const char *selector, uint64_t count);
+
+/* The next `count` newBufferWithLength:options: calls return contents that
+ * are not page-aligned (256 bytes past a page boundary, as a Metal that
+ * sub-allocates small buffers could: Apple promises no alignment there),
+ * so the backend's fallback for that case runs. count 0 disarms. */
+void msim_misalign_next(uint64_t count);
+
 /* 1: MTLCreateSystemDefaultDevice() returns nil (MTLCopyAllDevices() still
  * lists the device), as in a command-line process without CoreGraphics. */
 void msim_set_default_device_nil(int on);
 
-/* Disarm every fault and raise knob and the nil-device knob. */
+/* Disarm every fault, raise, misalign and nil-device knob. */
 void msim_reset_faults(void);
 
 /* A compute kernel implementation, called on the simulated GPU thread in
@@ -92,6 +106,17 @@ int msim_register_kernel(const char *name, msim_kernel_fn fn, void *ctx);
 /* Remove every implementation registered with this ctx (the built-ins
  * stay). */
 void msim_unregister_kernels_with_ctx(void *ctx);
+
+/* Metal objects made outside mlxbuf, as integer handles that own one
+ * reference (give it back with msim_release): for tests that hand Metal
+ * objects to mlxbuf (Buffer.from_raw). msim_new_buffer makes an MTLBuffer
+ * on the current default device (options are MTLResourceOptions;
+ * heap_size > 0 sub-allocates it from a new heap of that size);
+ * msim_new_fence makes a Metal object that is not a buffer. 0 when Metal
+ * returned nil. */
+uint64_t msim_new_buffer(uint64_t length, uint64_t options, uint64_t heap_size);
+uint64_t msim_new_fence(void);
+void msim_release(uint64_t handle);
 
 /* Counters since the process started (bytes are allocatedSize, 16 KiB
  * pages). */

@@ -64,7 +64,7 @@ static void start_threads_locked(void);
 
 - (id<MTLCommandBuffer>)commandBuffer
 {
-    MSIM_ENTRY();
+    MSIM_ENTRY_NULLABLE();
     msim__lock();
     if (_uncompleted >= MSIM_MAX_COMMAND_BUFFERS) {
         MSIM_COUNT(command_buffers_blocked, 1);
@@ -268,7 +268,7 @@ static void residency_api_check(MSimDevice *device, SEL cmd, id target)
 
 - (id<MTLBlitCommandEncoder>)blitCommandEncoder
 {
-    MSIM_ENTRY();
+    MSIM_ENTRY_NULLABLE();
     if (![self msim_canEncode:_cmd])
         return nil;
     return [[MSimBlitEncoder alloc] initWithCommandBuffer:self
@@ -277,7 +277,7 @@ static void residency_api_check(MSimDevice *device, SEL cmd, id target)
 
 - (id<MTLComputeCommandEncoder>)computeCommandEncoder
 {
-    MSIM_ENTRY();
+    MSIM_ENTRY_NULLABLE();
     if (![self msim_canEncode:_cmd])
         return nil;
     return [[MSimComputeEncoder alloc]

@@ -82,12 +82,22 @@ void msim__broadcast(void);
 /* Record a broken rule: "[rule] what happened". */
 void msim__invalid(const char *rule, const char *fmt, ...) MSIM_PRINTF(2, 3);
 
-/* Consume one armed fault of kind what (MSIM_FAULT_*). */
+/* Consume one armed fault of kind what (MSIM_FAULT_*), or one armed
+ * misalignment (msim_misalign_next). */
 bool msim__take_fault(int what);
+bool msim__take_misalign(void);
 
-/* Every simulated Metal method starts with MSIM_ENTRY(): the raise knob. */
+/* Every simulated Metal method starts with MSIM_ENTRY(): the raise knob;
+ * one whose result Apple declares nullable uses MSIM_ENTRY_NULLABLE(),
+ * which also answers the nil knob (msim_nil_next). */
 void msim__entry(id self, SEL cmd);
+bool msim__entry_nullable(id self, SEL cmd);
 #define MSIM_ENTRY() msim__entry(self, _cmd)
+#define MSIM_ENTRY_NULLABLE()                 \
+    do {                                      \
+        if (msim__entry_nullable(self, _cmd)) \
+            return nil;                       \
+    } while (0)
 
 bool msim__kernel_find(const char *name, msim_kernel_fn _Nullable *_Nonnull fn,
                        void *_Nullable *_Nonnull ctx);

@@ -846,6 +846,16 @@ CASE(library_reads_kernels_and_visible_errors)
     CHECK([[lib.functionNames objectAtIndex:0] isEqualToString:@"args"]);
     CHECK([lib newFunctionWithName:@"commented_out"] == nil);
     CHECK([lib newFunctionWithName:@"args"].functionType == MTLFunctionTypeKernel);
+    id<MTLLibrary> shaders = [dev newLibraryWithSource:@"vertex float4 v(uint i [[vertex_id]]) { "
+                                                       @"return float4(0); }\n"
+                                                       @"fragment half4 f() { return half4(1); }\n"
+                                               options:nil
+                                                 error:&err];
+    CHECK(shaders.functionNames.count == 2);
+    id<MTLFunction> vertex = [shaders newFunctionWithName:@"v"];
+    CHECK(vertex.functionType == MTLFunctionTypeVertex);
+    CHECK([shaders newFunctionWithName:@"f"].functionType == MTLFunctionTypeFragment);
+    CHECK([dev newComputePipelineStateWithFunction:vertex error:&err] == nil && err != nil);
     err = nil;
     CHECK([dev newLibraryWithSource:@"kernel void broken(\n{\n" options:nil error:&err] == nil);
     CHECK(err.code == MTLLibraryErrorCompileFailure && [err.domain isEqualToString:MTLLibraryErrorDomain]);
@@ -1089,6 +1099,13 @@ CASE(fault_knobs)
     run(cb);
     CHECK(cb.status == MTLCommandBufferStatusCompleted);
     CHECK(msim_fail_next(99, 1) == -1);
+
+    /* The nil knob answers only where Apple declares the result nullable. */
+    CHECK(msim_nil_next("newFence", 1) == 0 && msim_nil_next("length", 1) == 0);
+    CHECK([dev newFence] == nil && [dev newFence] != nil);
+    CHECK(buffer(dev, 64, 0).length == 64);
+    msim_reset_faults();
+    CHECK(msim_nil_next("", 1) == -1);
     EXPECT_CLEAN();
 }
 
