@@ -71,6 +71,12 @@ BACKENDS = _requested_backends()
 
 
 def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "metal_exception: raises an Objective-C exception through cmetal/metal.m on the simulated "
+        "Metal; while metal.m is built without -fobjc-arc-exceptions that leaks what ARC held in the "
+        "frames it unwinds, so the sanitizer pass of the simulator deselects these",
+    )
     if os.environ.get("MLXBUF_BACKEND", "").strip().lower() == "metal" and not METAL_AVAILABLE:
         raise pytest.UsageError(
             "MLXBUF_BACKEND=metal asks to test the Metal backend, which this build of mlxbuf "
