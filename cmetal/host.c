@@ -6,6 +6,10 @@
  *
  * Portable POSIX: runs on Linux and macOS alike, so a Mac can test both
  * backends side by side.
+ *
+ * Locking: st->lock guards the queue; submit takes it under the core's
+ * dev->submit_lock, and the worker drops it before running a command
+ * buffer, so completions run with no lock held (LOCKING.md).
  */
 #define _DEFAULT_SOURCE 1
 #define _DARWIN_C_SOURCE 1
@@ -27,8 +31,6 @@
 #if !defined(MAP_ANONYMOUS) && defined(MAP_ANON)
 #define MAP_ANONYMOUS MAP_ANON
 #endif
-
-#define BYTES(n, buf) cm__fmt_bytes((n), (buf), sizeof(buf))
 
 /* Below this, aligned malloc + memset is cheaper than a system call and
  * keeps small storages packed; above it, anonymous mappings arrive zeroed

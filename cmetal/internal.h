@@ -1,17 +1,19 @@
 /*
- * internal.h -- what the backend-neutral core (core.c, pool.c, error.c)
- * and the backends (host.c, metal.m) share. Not part of the ABI; never fed
- * to cffi.
+ * internal.h -- what the files of the backend-neutral core and the
+ * backends share: the layout of the core's objects and the entry points
+ * one core file offers another, grouped by the file that defines them.
+ * Not part of the ABI; never fed to cffi.
  *
  * The core owns every policy: reference counts, residency staging and
  * sharding, the pool, in-flight holds, statistics, locking, fault
- * injection. A backend is the table of primitives in cm_backend_t and
- * nothing more, so the behaviour tests observe on the host backend is the
- * code that runs on Metal.
+ * injection. A backend is the table of primitives in backend.h.
+ *
+ * Locks, their order and what each guards: LOCKING.md (the one place).
  */
 #ifndef CMETAL_INTERNAL_H
 #define CMETAL_INTERNAL_H
 
+#include "backend.h"
 #include "cmetal.h"
 
 #include <pthread.h>
@@ -35,88 +37,7 @@ int cm__fail(int status, const char *fmt, ...) CM_PRINTF(2, 3);
 
 /* Format a byte count for messages ("4096 bytes", "3.2 GiB"). */
 const char *cm__fmt_bytes(uint64_t n, char *buf, size_t cap);
-
-/* ------------------------------------------------------------------ */
-/* Backend primitives                                                  */
-/* ------------------------------------------------------------------ */
-
-/* A backend-native object: an id<MTLBuffer> (bridged, +1) on Metal; on
- * the host backend the contents pointer itself. Opaque to the core. */
-typedef void *cm_native_t;
-
-typedef struct cm_backend {
-    const char *name;       /* "host" / "metal"                           */
-    int kind;               /* CM_BACKEND_*                               */
-
-    int (*available)(void);
-
-    /* Create the backend's per-device state (queue, worker thread, ...)
-     * and fill info: name, has_unified_memory, max_buffer_length,
-     * recommended_max_working_set_size, page_size, registry_id. Set
-     * info->residency_enabled = 0 with a reason when the backend cannot
-     * make residency sets (Metal before macOS 15); the core clears it too
-     * when the caller asked for no residency. */
-    int (*open)(cm_device_t *dev, void **state, cm_device_info_t *info);
-
-    /* Tear the state down. Called once, when the device's last reference
-     * dies; every storage, shard, command buffer and kernel is gone by
-     * then. May run on one of the backend's own threads (a completion
-     * dropped the last reference): the backend must then not join that
-     * thread but let it finish the teardown itself. */
-    void (*close)(void *state);
-
-    /* len bytes (already checked: 0 < len <= max_buffer_length),
-     * zero-filled, page-aligned, CPU-visible at *contents. */
-    int (*buffer_alloc)(void *state, uint64_t len, cm_native_t *native,
-                        uint8_t **contents);
-    void (*buffer_free)(void *state, cm_native_t native, uint8_t *contents,
-                        uint64_t len);
-
-    /* Make a native buffer over caller memory without copying (file
-     * mappings, external memory). ptr is page-aligned and len a whole
-     * number of pages when the core calls it for a mapping. The backend
-     * reports CM_ERR_UNSUPPORTED for memory it cannot wrap. */
-    int (*buffer_wrap)(void *state, void *ptr, uint64_t len, cm_native_t *native);
-    void (*buffer_unwrap)(void *state, cm_native_t native);
-
-    /* Adopt (retain) a native buffer given by its handle. */
-    int (*buffer_adopt)(void *state, uint64_t handle, cm_native_t *native,
-                        uint8_t **contents, uint64_t *len);
-
-    /* The integer handle users see (MTLBuffer pointer) or 0. */
-    uint64_t (*native_handle)(cm_native_t native);
-
-    /* Residency-set primitives, called with the device's lock held; never
-     * called when residency is off. rset_create makes shard `index` and
-     * attaches it to the device's queue. add/remove only stage; commit
-     * applies; request re-requests residency (keep-alive). */
-    int (*rset_create)(void *state, unsigned index, void **rset);
-    void (*rset_destroy)(void *state, void *rset);
-    void (*rset_add)(void *rset, cm_native_t native);
-    void (*rset_remove)(void *rset, cm_native_t native);
-    void (*rset_commit)(void *rset);
-    void (*rset_request)(void *rset);
-
-    /* Run cb's ops (cb->ops[0..nops)) after every command buffer submitted
-     * before it, without blocking the caller, and then call
-     * cm__cmdbuf_complete(cb, status, message) exactly once from any
-     * thread. A non-zero return means nothing was submitted and
-     * cm__cmdbuf_complete must not be called. */
-    int (*submit)(void *state, cm_cmdbuf_t *cb);
-
-    /* Compute; a backend without compute reports CM_ERR_UNSUPPORTED from
-     * library_compile, so the others are never reached. */
-    int (*library_compile)(void *state, const char *source, void **lib);
-    void (*library_release)(void *lib);
-    int (*kernel_create)(void *state, void *lib, const char *name,
-                         void **pipeline, cm_kernel_info_t *info);
-    void (*kernel_release)(void *pipeline);
-} cm_backend_t;
-
-extern const cm_backend_t cm_host_backend;
-#if defined(CM_HAVE_METAL)
-extern const cm_backend_t cm_metal_backend;
-#endif
+#define BYTES(n, buf) cm__fmt_bytes((n), (buf), sizeof(buf))
 
 /* ------------------------------------------------------------------ */
 /* Core objects                                                        */
@@ -241,7 +162,7 @@ struct cm_device {
     /* Held from the residency flush through backend->submit, so command
      * buffers reach the backend in the order of their seq numbers even
      * when threads commit concurrently (a queue runs them in the order it
-     * receives them). Taken under cb->enc_lock, before dev->lock. */
+     * receives them). */
     pthread_mutex_t submit_lock;
 
     /* Keep-alive thread, guarded by ka_lock. */
@@ -256,29 +177,59 @@ struct cm_device {
 };
 
 /* ------------------------------------------------------------------ */
-/* Core entry points used across core files and by backends            */
+/* Entry points one core file offers the others, by defining file      */
 /* ------------------------------------------------------------------ */
 
-/* Backends call this exactly once per submitted command buffer, from any
- * thread, after the ops ran (status CM_OK) or failed (status != CM_OK,
- * message describes it). Releases the holds, then marks the buffer done
- * and wakes waiters. */
-void cm__cmdbuf_complete(cm_cmdbuf_t *cb, int status, const char *message);
+/* memory.c: a device's memory budget. */
+/* Reserve len bytes of active memory under the limit; false if they do
+ * not fit. */
+bool cm__memory_reserve(cm_device_t *dev, uint64_t len);
+/* Count len bytes as active without holding them to the limit. */
+void cm__memory_add(cm_device_t *dev, uint64_t len);
+/* Give back len bytes reserved or added. */
+void cm__memory_release(cm_device_t *dev, uint64_t len);
+/* True when fault injection says this allocation of len bytes fails;
+ * every call counts as one allocation (dev->lock taken inside). */
+bool cm__memory_fault_fires(cm_device_t *dev, uint64_t len);
+/* The limit a device starts with, from its backend and info. */
+uint64_t cm__memory_default_limit(const cm_device_t *dev);
 
+/* residency.c (dev->lock taken inside each). */
+/* Set the shard cap a device starts with, from its info. */
+void cm__residency_init(cm_device_t *dev);
+/* Stage the residency add / remove of a storage. */
+int cm__residency_add(cm_device_t *dev, cm_storage_t *s);
+void cm__residency_remove(cm_device_t *dev, cm_storage_t *s);
+/* Fail with CM_ERR_RESIDENCY, giving the reason residency is off. */
+int cm__residency_off(cm_device_t *dev);
+/* Re-request residency of every shard (keep-alive). */
+void cm__residency_request(cm_device_t *dev);
+/* Destroy every shard; the device's last reference died. */
+void cm__residency_close(cm_device_t *dev);
+
+/* keepalive.c */
+/* A command buffer was submitted: restart the keep-alive window. */
+void cm__keepalive_note_submit(cm_device_t *dev);
+/* Stop and join the keep-alive thread, if it runs. */
+void cm__keepalive_stop(cm_device_t *dev);
+
+/* device.c */
 void cm__device_retain(cm_device_t *dev);
 
+/* storage.c */
 /* Create a storage of exactly len bytes through the backend, applying the
  * memory limit (trimming the device's pools and retrying once), fault
  * injection and statistics. Does not register residency. */
 int cm__storage_new(cm_device_t *dev, uint64_t len, int kind, cm_storage_t **out);
-
 /* Free a storage whose refcount reached zero and that no pool keeps:
  * stage its residency removal, free its memory, update statistics. */
 void cm__storage_destroy(cm_storage_t *s);
 
-/* Stage the residency add / remove of a storage (dev->lock taken inside). */
-int cm__residency_add(cm_device_t *dev, cm_storage_t *s);
-void cm__residency_remove(cm_device_t *dev, cm_storage_t *s);
+/* cmdbuf.c: backends call this exactly once per submitted command buffer,
+ * from any thread, after the ops ran (status CM_OK) or failed (status !=
+ * CM_OK, message describes it). Releases the holds, then marks the buffer
+ * done and wakes waiters. */
+void cm__cmdbuf_complete(cm_cmdbuf_t *cb, int status, const char *message);
 
 /* pool.c: give a storage whose last reference died back to its pool.
  * Returns true if the pool kept it, false if the caller must destroy it. */
@@ -287,9 +238,7 @@ void cm__pool_drop_ref(cm_pool_t *pool);
 /* Free the cache of every pool of dev; returns bytes freed. */
 uint64_t cm__device_trim_pools(cm_device_t *dev);
 
-double cm__now(void);                 /* monotonic seconds                */
-
-/* Physical memory of this machine in bytes (host.c; 0 if unknown). */
+/* host.c: physical memory of this machine in bytes (0 if unknown). */
 uint64_t cm__physical_memory(void);
 
 #endif /* CMETAL_INTERNAL_H */

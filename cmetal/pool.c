@@ -34,10 +34,10 @@
  *   once (cm__device_trim_pools).
  * - A released pool frees instead of caching.
  *
- * Locking: pool->lock guards the cache and the statistics. It is never
- * held while dev->lock is taken, nor taken while dev->lock is held, and
- * storages are destroyed with no pool lock held (destruction takes
- * dev->lock and can drop the pool's last reference). The hit path is one
+ * Locking: pool->lock guards the cache and the statistics; dev->lock the
+ * device's pool list. The two never nest, and storages are destroyed with
+ * no pool lock held (destruction takes dev->lock and can drop the pool's
+ * last reference); order and rules in LOCKING.md. The hit path is one
  * lock, a hash probe and a list unlink: O(1), no allocation.
  */
 #include "internal.h"
@@ -45,8 +45,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-#define BYTES(n, buf) cm__fmt_bytes((n), (buf), sizeof(buf))
 
 #define KIB ((uint64_t)1 << 10)
 #define MIB ((uint64_t)1 << 20)

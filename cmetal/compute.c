@@ -1,0 +1,122 @@
+/*
+ * compute.c -- compiled shader libraries and their kernels. A library
+ * caches the kernels made from it, so asking twice for one name returns
+ * the same kernel.
+ *
+ * Owns the library and kernel records. Takes lib->lock around the kernel
+ * cache (and calls the backend's kernel_create under it); nothing else.
+ * Lock order: LOCKING.md.
+ */
+#include "internal.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+int cm_library_compile(cm_device_t *dev, const char *source, cm_library_t **out)
+{
+    if (dev == NULL || out == NULL)
+        return cm__fail(CM_ERR_INVALID_ARGUMENT, "cm_library_compile: NULL argument");
+    *out = NULL;
+    if (source == NULL)
+        return cm__fail(CM_ERR_INVALID_ARGUMENT, "shader source is NULL");
+    void *native = NULL;
+    int rc = dev->backend->library_compile(dev->state, source, &native);
+    if (rc != CM_OK)
+        return rc;
+    cm_library_t *lib = calloc(1, sizeof *lib);
+    if (lib == NULL) {
+        dev->backend->library_release(native);
+        return cm__fail(CM_ERR_OUT_OF_MEMORY, "cannot allocate a library record");
+    }
+    atomic_init(&lib->refcount, 1);
+    pthread_mutex_init(&lib->lock, NULL);
+    cm__device_retain(dev);
+    lib->dev = dev;
+    lib->native = native;
+    *out = lib;
+    return CM_OK;
+}
+
+void cm_library_release(cm_library_t *lib)
+{
+    if (lib == NULL)
+        return;
+    if (atomic_fetch_sub_explicit(&lib->refcount, 1, memory_order_acq_rel) != 1)
+        return;
+    cm_kernel_t *k = lib->kernels;
+    while (k != NULL) {
+        cm_kernel_t *next = k->cache_next;
+        cm_kernel_release(k);
+        k = next;
+    }
+    cm_device_t *dev = lib->dev;
+    dev->backend->library_release(lib->native);
+    pthread_mutex_destroy(&lib->lock);
+    free(lib);
+    cm_device_release(dev);
+}
+
+int cm_library_kernel(cm_library_t *lib, const char *name, cm_kernel_t **out)
+{
+    if (lib == NULL || out == NULL)
+        return cm__fail(CM_ERR_INVALID_ARGUMENT, "cm_library_kernel: NULL argument");
+    *out = NULL;
+    if (name == NULL || name[0] == '\0')
+        return cm__fail(CM_ERR_INVALID_ARGUMENT, "kernel name is empty");
+    size_t len = strlen(name);
+    if (len >= CM_NAME_MAX)
+        return cm__fail(CM_ERR_INVALID_ARGUMENT,
+                        "kernel name of %zu characters exceeds the limit of %d", len,
+                        CM_NAME_MAX - 1);
+    pthread_mutex_lock(&lib->lock);
+    for (cm_kernel_t *k = lib->kernels; k != NULL; k = k->cache_next) {
+        if (strcmp(k->info.name, name) == 0) {
+            atomic_fetch_add(&k->refcount, 1);
+            pthread_mutex_unlock(&lib->lock);
+            *out = k;
+            return CM_OK;
+        }
+    }
+    cm_device_t *dev = lib->dev;
+    cm_kernel_t *k = calloc(1, sizeof *k);
+    if (k == NULL) {
+        pthread_mutex_unlock(&lib->lock);
+        return cm__fail(CM_ERR_OUT_OF_MEMORY, "cannot allocate a kernel record");
+    }
+    int rc = dev->backend->kernel_create(dev->state, lib->native, name, &k->pipeline, &k->info);
+    if (rc != CM_OK) {
+        pthread_mutex_unlock(&lib->lock);
+        free(k);
+        return rc;
+    }
+    snprintf(k->info.name, CM_NAME_MAX, "%s", name);
+    atomic_init(&k->refcount, 2); /* the cache's and the caller's */
+    cm__device_retain(dev);
+    k->dev = dev;
+    k->cache_next = lib->kernels;
+    lib->kernels = k;
+    pthread_mutex_unlock(&lib->lock);
+    *out = k;
+    return CM_OK;
+}
+
+void cm_kernel_release(cm_kernel_t *k)
+{
+    if (k == NULL)
+        return;
+    if (atomic_fetch_sub_explicit(&k->refcount, 1, memory_order_acq_rel) != 1)
+        return;
+    cm_device_t *dev = k->dev;
+    dev->backend->kernel_release(k->pipeline);
+    free(k);
+    cm_device_release(dev);
+}
+
+int cm_kernel_info(cm_kernel_t *k, cm_kernel_info_t *out)
+{
+    if (k == NULL || out == NULL)
+        return cm__fail(CM_ERR_INVALID_ARGUMENT, "cm_kernel_info: NULL argument");
+    *out = k->info;
+    return CM_OK;
+}

@@ -1,0 +1,107 @@
+/*
+ * memory.c -- a device's memory budget: the memory limit and the active
+ * and peak byte counts held to it, fault injection for allocations, and
+ * the default limit a device starts with.
+ *
+ * Owns dev->active_bytes, peak_bytes and memory_limit (atomics: the
+ * allocation paths take no lock for them) and dev->fail_nth / fail_min
+ * (under dev->lock, a short leaf hold here). Lock order: LOCKING.md.
+ */
+#include "internal.h"
+
+static void note_peak(cm_device_t *dev, uint64_t now)
+{
+    uint64_t peak = atomic_load_explicit(&dev->peak_bytes, memory_order_relaxed);
+    while (now > peak &&
+           !atomic_compare_exchange_weak(&dev->peak_bytes, &peak, now)) {
+    }
+}
+
+/* A compare-and-swap instead of check-then-add, so two threads cannot both
+ * squeeze under the limit with the last free bytes. */
+bool cm__memory_reserve(cm_device_t *dev, uint64_t len)
+{
+    uint64_t limit = atomic_load(&dev->memory_limit);
+    uint64_t cur = atomic_load(&dev->active_bytes);
+    do {
+        if (cur > limit || len > limit - cur)
+            return false;
+    } while (!atomic_compare_exchange_weak(&dev->active_bytes, &cur, cur + len));
+    note_peak(dev, cur + len);
+    return true;
+}
+
+void cm__memory_add(cm_device_t *dev, uint64_t len)
+{
+    uint64_t now = atomic_fetch_add(&dev->active_bytes, len) + len;
+    note_peak(dev, now);
+}
+
+void cm__memory_release(cm_device_t *dev, uint64_t len)
+{
+    atomic_fetch_sub(&dev->active_bytes, len);
+}
+
+void cm_device_reset_peak(cm_device_t *dev)
+{
+    if (dev == NULL)
+        return;
+    atomic_store(&dev->peak_bytes, atomic_load(&dev->active_bytes));
+}
+
+int cm_device_set_memory_limit(cm_device_t *dev, uint64_t limit, uint64_t *old)
+{
+    if (dev == NULL)
+        return cm__fail(CM_ERR_INVALID_ARGUMENT, "cm_device_set_memory_limit: device is NULL");
+    if (limit == 0)
+        return cm__fail(CM_ERR_INVALID_ARGUMENT,
+                        "memory limit 0 would make every allocation fail; "
+                        "the limit must be at least 1 byte");
+    uint64_t prev = atomic_exchange(&dev->memory_limit, limit);
+    if (old != NULL)
+        *old = prev;
+    return CM_OK;
+}
+
+int cm_device_debug_fail_alloc(cm_device_t *dev, uint64_t fail_nth, uint64_t min_bytes)
+{
+    if (dev == NULL)
+        return cm__fail(CM_ERR_INVALID_ARGUMENT, "cm_device_debug_fail_alloc: device is NULL");
+    pthread_mutex_lock(&dev->lock);
+    dev->fail_nth = fail_nth;
+    dev->fail_min = min_bytes;
+    pthread_mutex_unlock(&dev->lock);
+    return CM_OK;
+}
+
+bool cm__memory_fault_fires(cm_device_t *dev, uint64_t len)
+{
+    bool fire = false;
+    pthread_mutex_lock(&dev->lock);
+    if (dev->fail_min != 0 && len >= dev->fail_min)
+        fire = true;
+    if (dev->fail_nth != 0 && --dev->fail_nth == 0)
+        fire = true;
+    pthread_mutex_unlock(&dev->lock);
+    return fire;
+}
+
+uint64_t cm__memory_default_limit(const cm_device_t *dev)
+{
+    /* Host: the machine's RAM, beyond which the OS would swap or kill us.
+     * Metal: unified memory lets a process go past the recommended working
+     * set, at the price of paging; half as much again is where MLX-style
+     * allocators stop too. */
+    uint64_t limit;
+    if (dev->backend->kind == CM_BACKEND_HOST) {
+        limit = cm__physical_memory();
+        if (limit == 0)
+            limit = dev->info.recommended_max_working_set_size / 3 * 4;
+    } else {
+        uint64_t rec = dev->info.recommended_max_working_set_size;
+        limit = rec + rec / 2;
+    }
+    if (limit == 0)
+        limit = UINT64_MAX;
+    return limit;
+}
