@@ -52,10 +52,23 @@ typedef struct cm_shard {
     bool pending;
 } cm_shard_t;
 
+/* Who keeps a storage once its last reference dies (a pool installs
+ * itself when it makes one). The storage holds a reference on its owner
+ * until it is freed, and knows only "my owner", never what the owner is.
+ * Both hooks run with no lock held. */
+typedef struct cm_storage_owner {
+    /* The last reference to s died: keep s (true: it lives on in the
+     * owner's cache, unreferenced) or refuse (false: s is destroyed). */
+    bool (*take_back)(void *owner, cm_storage_t *s);
+    /* s was destroyed: drop the reference it held on its owner. */
+    void (*release)(void *owner);
+} cm_storage_owner_t;
+
 struct cm_storage {
     atomic_uint_fast64_t refcount;
     cm_device_t *dev;                 /* strong reference                 */
-    cm_pool_t *pool;                  /* strong reference when pooled     */
+    const cm_storage_owner_t *owner_hooks; /* NULL when nobody keeps it   */
+    void *owner;                      /* strong reference, for the hooks  */
     int kind;                         /* CM_STORAGE_*                     */
     int writable;
     uint8_t *contents;                /* CPU address of byte 0            */
@@ -70,7 +83,7 @@ struct cm_storage {
     void *ext_ctx;
     int shard;                        /* guarded by dev->lock; -1 if none */
     atomic_uint_fast64_t inflight_writers;
-    /* pool cache links, guarded by pool->lock while cached */
+    /* the owner's cache links, guarded by the owner's lock while cached */
     cm_storage_t *class_prev, *class_next;
     cm_storage_t *lru_prev, *lru_next;
 };
@@ -221,8 +234,9 @@ void cm__device_retain(cm_device_t *dev);
  * memory limit (trimming the device's pools and retrying once), fault
  * injection and statistics. Does not register residency. */
 int cm__storage_new(cm_device_t *dev, uint64_t len, int kind, cm_storage_t **out);
-/* Free a storage whose refcount reached zero and that no pool keeps:
- * stage its residency removal, free its memory, update statistics. */
+/* Free a storage whose refcount reached zero and that its owner does not
+ * keep: stage its residency removal, free its memory, update statistics,
+ * then drop the storage's reference on its owner. */
 void cm__storage_destroy(cm_storage_t *s);
 
 /* cmdbuf.c: backends call this exactly once per submitted command buffer,
@@ -231,11 +245,7 @@ void cm__storage_destroy(cm_storage_t *s);
  * done and wakes waiters. */
 void cm__cmdbuf_complete(cm_cmdbuf_t *cb, int status, const char *message);
 
-/* pool.c: give a storage whose last reference died back to its pool.
- * Returns true if the pool kept it, false if the caller must destroy it. */
-bool cm__pool_take_back(cm_pool_t *pool, cm_storage_t *s);
-void cm__pool_drop_ref(cm_pool_t *pool);
-/* Free the cache of every pool of dev; returns bytes freed. */
+/* pool.c: free the cache of every pool of dev; returns bytes freed. */
 uint64_t cm__device_trim_pools(cm_device_t *dev);
 
 /* host.c: physical memory of this machine in bytes (0 if unknown). */

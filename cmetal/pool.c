@@ -315,7 +315,7 @@ int cm_pool_create(cm_device_t *dev, int64_t cache_limit, cm_pool_t **out)
     return CM_OK;
 }
 
-void cm__pool_drop_ref(cm_pool_t *pool)
+static void pool_drop_ref(cm_pool_t *pool)
 {
     if (atomic_fetch_sub_explicit(&pool->refcount, 1, memory_order_acq_rel) != 1)
         return;
@@ -333,6 +333,43 @@ void cm__pool_drop_ref(cm_pool_t *pool)
     free(pool);
     cm_device_release(dev);
 }
+
+/* The storage-owner hooks of a pooled storage: its last reference gives it
+ * back here, and once destroyed it drops its reference on the pool. */
+static bool pool_take_back(void *owner, cm_storage_t *s)
+{
+    cm_pool_t *pool = owner;
+    uint64_t freed = 0;
+    cm_storage_t *victims = NULL;
+    bool kept = false;
+    pthread_mutex_lock(&pool->lock);
+    pool->in_use_count--;
+    pool->in_use_bytes -= s->byte_len;
+    pool->requested_bytes -= s->requested_len;
+    if (!pool->closed && s->byte_len <= pool->cache_limit) {
+        cm_class_slot_t *slot = slot_get_locked(pool, s->byte_len);
+        if (slot != NULL) {
+            cache_push_locked(pool, slot, s);
+            kept = true;
+            victims = cache_shrink_locked(pool, pool->cache_limit, &freed);
+            for (cm_storage_t *v = victims; v != NULL; v = v->lru_next)
+                pool->evictions++;
+        }
+    }
+    pthread_mutex_unlock(&pool->lock);
+    destroy_chain(victims);
+    return kept;
+}
+
+static void pool_release_owner(void *owner)
+{
+    pool_drop_ref(owner);
+}
+
+static const cm_storage_owner_t pool_storage_owner = {
+    .take_back = pool_take_back,
+    .release = pool_release_owner,
+};
 
 /* Empty the cache; returns the bytes freed. */
 static uint64_t pool_clear(cm_pool_t *pool, bool close)
@@ -352,7 +389,7 @@ void cm_pool_release(cm_pool_t *pool)
     if (pool == NULL)
         return;
     pool_clear(pool, true);
-    cm__pool_drop_ref(pool);
+    pool_drop_ref(pool);
 }
 
 int cm_pool_clear(cm_pool_t *pool)
@@ -385,7 +422,7 @@ uint64_t cm__device_trim_pools(cm_device_t *dev)
         }
         pthread_mutex_unlock(&dev->lock);
         if (held != NULL)
-            cm__pool_drop_ref(held);
+            pool_drop_ref(held);
         held = p;
         freed += pool_clear(p, false);
         pthread_mutex_lock(&dev->lock);
@@ -393,7 +430,7 @@ uint64_t cm__device_trim_pools(cm_device_t *dev)
     }
     pthread_mutex_unlock(&dev->lock);
     if (held != NULL)
-        cm__pool_drop_ref(held);
+        pool_drop_ref(held);
     return freed;
 }
 
@@ -436,7 +473,8 @@ static int pool_alloc_class(cm_pool_t *pool, uint64_t n, uint64_t cls, int zero,
     if (rc != CM_OK)
         return rc;
     atomic_fetch_add(&pool->refcount, 1);
-    s->pool = pool;
+    s->owner_hooks = &pool_storage_owner;
+    s->owner = pool;
     s->requested_len = n;
     rc = cm__residency_add(pool->dev, s);
     if (rc != CM_OK) {
@@ -495,30 +533,6 @@ int cm_pool_alloc_batch(cm_pool_t *pool, const uint64_t *byte_lens, size_t n, in
         }
     }
     return CM_OK;
-}
-
-bool cm__pool_take_back(cm_pool_t *pool, cm_storage_t *s)
-{
-    uint64_t freed = 0;
-    cm_storage_t *victims = NULL;
-    bool kept = false;
-    pthread_mutex_lock(&pool->lock);
-    pool->in_use_count--;
-    pool->in_use_bytes -= s->byte_len;
-    pool->requested_bytes -= s->requested_len;
-    if (!pool->closed && s->byte_len <= pool->cache_limit) {
-        cm_class_slot_t *slot = slot_get_locked(pool, s->byte_len);
-        if (slot != NULL) {
-            cache_push_locked(pool, slot, s);
-            kept = true;
-            victims = cache_shrink_locked(pool, pool->cache_limit, &freed);
-            for (cm_storage_t *v = victims; v != NULL; v = v->lru_next)
-                pool->evictions++;
-        }
-    }
-    pthread_mutex_unlock(&pool->lock);
-    destroy_chain(victims);
-    return kept;
 }
 
 /* ------------------------------------------------------------------ */

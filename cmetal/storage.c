@@ -1,8 +1,8 @@
 /*
  * storage.c -- storages: one allocation each, made by the backend
  * (cm_storage_alloc), wrapped from caller memory or a native buffer, or
- * mapped from a file; their reference count, and their end (back to the
- * pool that owns them, or freed with their residency removal staged).
+ * mapped from a file; their reference count, and their end (back to
+ * their owner, a pool, or freed with their residency removal staged).
  *
  * Owns the storage record and dev->live_storages / alloc_count /
  * free_count. Takes dev->lock only through memory.c and residency.c, and
@@ -78,7 +78,8 @@ int cm__storage_new(cm_device_t *dev, uint64_t len, int kind, cm_storage_t **out
 void cm__storage_destroy(cm_storage_t *s)
 {
     cm_device_t *dev = s->dev;
-    cm_pool_t *pool = s->pool;
+    const cm_storage_owner_t *owner_hooks = s->owner_hooks;
+    void *owner = s->owner;
     cm__residency_remove(dev, s);
     switch (s->kind) {
     case CM_STORAGE_DEVICE:
@@ -106,8 +107,8 @@ void cm__storage_destroy(cm_storage_t *s)
         break;
     }
     free(s);
-    if (pool != NULL)
-        cm__pool_drop_ref(pool);
+    if (owner != NULL)
+        owner_hooks->release(owner);
     cm_device_release(dev);
 }
 
@@ -156,7 +157,7 @@ void cm_storage_release(cm_storage_t *s)
         return;
     if (atomic_fetch_sub_explicit(&s->refcount, 1, memory_order_acq_rel) != 1)
         return;
-    if (s->pool != NULL && cm__pool_take_back(s->pool, s))
+    if (s->owner != NULL && s->owner_hooks->take_back(s->owner, s))
         return;
     cm__storage_destroy(s);
 }
