@@ -145,6 +145,29 @@ struct cm_library {
     cm_kernel_t *kernels;             /* one reference each               */
 };
 
+/* A cache that can give memory back when an allocation would pass the
+ * device's memory limit (a pool). Its owner registers it with the device
+ * and unregisters it once the owner's reference count has reached zero,
+ * before freeing it; the device knows only "a cache", never what it is.
+ * cm__memory_trim walks the registrations under dev->lock but trims with
+ * dev->lock dropped, holding a reference on the owner meanwhile (the walk
+ * and why it is safe: memory.c). */
+typedef struct cm_trimmer_hooks {
+    /* Take a reference on owner unless its count already reached zero (it
+     * is being freed). Called with dev->lock held: it must not block. */
+    bool (*try_retain)(void *owner);
+    /* Drop that reference; may free the owner. No lock held. */
+    void (*release)(void *owner);
+    /* Free what the owner caches; returns the bytes freed. No lock held. */
+    uint64_t (*trim)(void *owner);
+} cm_trimmer_hooks_t;
+
+typedef struct cm_trimmer {
+    const cm_trimmer_hooks_t *hooks;
+    void *owner;
+    struct cm_trimmer *prev, *next;   /* dev->trimmers, under dev->lock   */
+} cm_trimmer_t;
+
 struct cm_device {
     atomic_uint_fast64_t refcount;
     const cm_backend_t *backend;
@@ -157,13 +180,13 @@ struct cm_device {
     atomic_uint_fast64_t alloc_count, free_count;
     atomic_uint_fast64_t memory_limit;
 
-    /* dev->lock guards residency, the pool list and fault injection. */
+    /* dev->lock guards residency, the trimmers and fault injection. */
     pthread_mutex_t lock;
     cm_shard_t shards[CM_MAX_RESIDENCY_SHARDS];
     unsigned nshards;
     uint64_t shard_cap;
     uint64_t rs_commit_count, rs_adds, rs_removes, keepalive_requests;
-    cm_pool_t *pools;                 /* live pools, weak, for trimming   */
+    cm_trimmer_t *trimmers;           /* caches to trim, weak             */
     uint64_t fail_nth, fail_min;      /* fault injection                  */
 
     /* dev->cb_lock guards command-buffer states and the counters below;
@@ -206,6 +229,12 @@ void cm__memory_release(cm_device_t *dev, uint64_t len);
 bool cm__memory_fault_fires(cm_device_t *dev, uint64_t len);
 /* The limit a device starts with, from its backend and info. */
 uint64_t cm__memory_default_limit(const cm_device_t *dev);
+/* Register / unregister a cache to trim (dev->lock taken inside). */
+void cm__memory_add_trimmer(cm_device_t *dev, cm_trimmer_t *t);
+void cm__memory_remove_trimmer(cm_device_t *dev, cm_trimmer_t *t);
+/* Trim every registered cache of dev; returns the bytes freed. Call with
+ * no lock held. */
+uint64_t cm__memory_trim(cm_device_t *dev);
 
 /* residency.c (dev->lock taken inside each). */
 /* Set the shard cap a device starts with, from its info. */
@@ -231,7 +260,7 @@ void cm__device_retain(cm_device_t *dev);
 
 /* storage.c */
 /* Create a storage of exactly len bytes through the backend, applying the
- * memory limit (trimming the device's pools and retrying once), fault
+ * memory limit (trimming the device's caches and retrying once), fault
  * injection and statistics. Does not register residency. */
 int cm__storage_new(cm_device_t *dev, uint64_t len, int kind, cm_storage_t **out);
 /* Free a storage whose refcount reached zero and that its owner does not
@@ -244,9 +273,6 @@ void cm__storage_destroy(cm_storage_t *s);
  * CM_OK, message describes it). Releases the holds, then marks the buffer
  * done and wakes waiters. */
 void cm__cmdbuf_complete(cm_cmdbuf_t *cb, int status, const char *message);
-
-/* pool.c: free the cache of every pool of dev; returns bytes freed. */
-uint64_t cm__device_trim_pools(cm_device_t *dev);
 
 /* host.c: physical memory of this machine in bytes (0 if unknown). */
 uint64_t cm__physical_memory(void);

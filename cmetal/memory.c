@@ -1,11 +1,14 @@
 /*
  * memory.c -- a device's memory budget: the memory limit and the active
- * and peak byte counts held to it, fault injection for allocations, and
- * the default limit a device starts with.
+ * and peak byte counts held to it, the caches it trims when an allocation
+ * would pass the limit, fault injection for allocations, and the default
+ * limit a device starts with.
  *
  * Owns dev->active_bytes, peak_bytes and memory_limit (atomics: the
- * allocation paths take no lock for them) and dev->fail_nth / fail_min
- * (under dev->lock, a short leaf hold here). Lock order: LOCKING.md.
+ * allocation paths take no lock for them), and dev->trimmers and
+ * dev->fail_nth / fail_min under dev->lock, which it takes for short
+ * holds and drops before calling a cache's trim or release. Lock order:
+ * LOCKING.md.
  */
 #include "internal.h"
 
@@ -104,4 +107,62 @@ uint64_t cm__memory_default_limit(const cm_device_t *dev)
     if (limit == 0)
         limit = UINT64_MAX;
     return limit;
+}
+
+void cm__memory_add_trimmer(cm_device_t *dev, cm_trimmer_t *t)
+{
+    pthread_mutex_lock(&dev->lock);
+    t->prev = NULL;
+    t->next = dev->trimmers;
+    if (dev->trimmers != NULL)
+        dev->trimmers->prev = t;
+    dev->trimmers = t;
+    pthread_mutex_unlock(&dev->lock);
+}
+
+void cm__memory_remove_trimmer(cm_device_t *dev, cm_trimmer_t *t)
+{
+    pthread_mutex_lock(&dev->lock);
+    if (t->prev != NULL)
+        t->prev->next = t->next;
+    else
+        dev->trimmers = t->next;
+    if (t->next != NULL)
+        t->next->prev = t->prev;
+    t->prev = t->next = NULL;
+    pthread_mutex_unlock(&dev->lock);
+}
+
+uint64_t cm__memory_trim(cm_device_t *dev)
+{
+    /* dev->trimmers is weak: an owner whose count already reached zero is
+     * being freed and unregisters under dev->lock, so try_retain refuses
+     * it and the walk passes it by. The owner being trimmed stays
+     * referenced until the next one is, which keeps the walk on a
+     * registered node while dev->lock is dropped (trimming takes the
+     * owner's lock and destroys storages, which takes dev->lock): an owner
+     * unregisters only once its count is zero, and the walk's reference
+     * keeps it above zero. A release may free its owner, so it runs with
+     * no lock held and the walk never touches that node again. */
+    uint64_t freed = 0;
+    cm_trimmer_t *held = NULL;
+    pthread_mutex_lock(&dev->lock);
+    cm_trimmer_t *t = dev->trimmers;
+    while (t != NULL) {
+        if (!t->hooks->try_retain(t->owner)) {
+            t = t->next;
+            continue;
+        }
+        pthread_mutex_unlock(&dev->lock);
+        if (held != NULL)
+            held->hooks->release(held->owner);
+        held = t;
+        freed += t->hooks->trim(t->owner);
+        pthread_mutex_lock(&dev->lock);
+        t = t->next;
+    }
+    pthread_mutex_unlock(&dev->lock);
+    if (held != NULL)
+        held->hooks->release(held->owner);
+    return freed;
 }

@@ -30,12 +30,13 @@
  *   churn (alloc, drop, submit) stages nothing and costs no commit. They
  *   leave the set when evicted, cleared or trimmed.
  * - Reused storages are not re-zeroed unless the caller asks (zero != 0).
- * - On out-of-memory the core trims every pool of the device and retries
- *   once (cm__device_trim_pools).
+ * - On out-of-memory the core trims every cache of the device and retries
+ *   once: each pool registers its trimmer with the device
+ *   (cm__memory_trim).
  * - A released pool frees instead of caching.
  *
  * Locking: pool->lock guards the cache and the statistics; dev->lock the
- * device's pool list. The two never nest, and storages are destroyed with
+ * device's list of trimmers. The two never nest, and storages are destroyed with
  * no pool lock held (destruction takes dev->lock and can drop the pool's
  * last reference); order and rules in LOCKING.md. The hit path is one
  * lock, a hash probe and a list unlink: O(1), no allocation.
@@ -61,7 +62,7 @@ typedef struct cm_class_slot {
 struct cm_pool {
     atomic_uint_fast64_t refcount;    /* caller's + one per pooled storage */
     cm_device_t *dev;                 /* strong reference                 */
-    cm_pool_t *dev_prev, *dev_next;   /* dev->pools, guarded by dev->lock */
+    cm_trimmer_t trimmer;             /* registered with dev while alive */
 
     pthread_mutex_t lock;
     bool closed;
@@ -284,50 +285,12 @@ static void destroy_chain(cm_storage_t *victims)
 /* Lifetime                                                            */
 /* ------------------------------------------------------------------ */
 
-int cm_pool_create(cm_device_t *dev, int64_t cache_limit, cm_pool_t **out)
-{
-    if (dev == NULL || out == NULL)
-        return cm__fail(CM_ERR_INVALID_ARGUMENT, "cm_pool_create: NULL argument");
-    *out = NULL;
-    cm_pool_t *pool = calloc(1, sizeof *pool);
-    if (pool == NULL)
-        return cm__fail(CM_ERR_OUT_OF_MEMORY, "cannot allocate a pool record");
-    atomic_init(&pool->refcount, 1);
-    pthread_mutex_init(&pool->lock, NULL);
-    if (cache_limit < 0) {
-        /* A quarter of the working set leaves room for the model itself;
-         * 1 GiB bounds what an idle cache can pin on big machines while
-         * still holding thousands of small scratch storages. */
-        uint64_t quarter = dev->info.recommended_max_working_set_size / 4;
-        pool->cache_limit = quarter != 0 && quarter < GIB ? quarter : GIB;
-    } else {
-        pool->cache_limit = (uint64_t)cache_limit;
-    }
-    cm__device_retain(dev);
-    pool->dev = dev;
-    pthread_mutex_lock(&dev->lock);
-    pool->dev_next = dev->pools;
-    if (dev->pools != NULL)
-        dev->pools->dev_prev = pool;
-    dev->pools = pool;
-    pthread_mutex_unlock(&dev->lock);
-    *out = pool;
-    return CM_OK;
-}
-
 static void pool_drop_ref(cm_pool_t *pool)
 {
     if (atomic_fetch_sub_explicit(&pool->refcount, 1, memory_order_acq_rel) != 1)
         return;
     cm_device_t *dev = pool->dev;
-    pthread_mutex_lock(&dev->lock);
-    if (pool->dev_prev != NULL)
-        pool->dev_prev->dev_next = pool->dev_next;
-    else
-        dev->pools = pool->dev_next;
-    if (pool->dev_next != NULL)
-        pool->dev_next->dev_prev = pool->dev_prev;
-    pthread_mutex_unlock(&dev->lock);
+    cm__memory_remove_trimmer(dev, &pool->trimmer);
     free(pool->slots);
     pthread_mutex_destroy(&pool->lock);
     free(pool);
@@ -384,6 +347,58 @@ static uint64_t pool_clear(cm_pool_t *pool, bool close)
     return freed;
 }
 
+/* The trimmer hooks: under memory pressure the device empties the cache
+ * (the pool is then still usable), holding a reference on the pool. */
+static bool pool_try_retain(void *owner)
+{
+    cm_pool_t *pool = owner;
+    uint64_t rc = atomic_load(&pool->refcount);
+    while (rc != 0) {
+        if (atomic_compare_exchange_weak(&pool->refcount, &rc, rc + 1))
+            return true;
+    }
+    return false;
+}
+
+static uint64_t pool_trim(void *owner)
+{
+    return pool_clear(owner, false);
+}
+
+static const cm_trimmer_hooks_t pool_trimmer_hooks = {
+    .try_retain = pool_try_retain,
+    .release = pool_release_owner,
+    .trim = pool_trim,
+};
+
+int cm_pool_create(cm_device_t *dev, int64_t cache_limit, cm_pool_t **out)
+{
+    if (dev == NULL || out == NULL)
+        return cm__fail(CM_ERR_INVALID_ARGUMENT, "cm_pool_create: NULL argument");
+    *out = NULL;
+    cm_pool_t *pool = calloc(1, sizeof *pool);
+    if (pool == NULL)
+        return cm__fail(CM_ERR_OUT_OF_MEMORY, "cannot allocate a pool record");
+    atomic_init(&pool->refcount, 1);
+    pthread_mutex_init(&pool->lock, NULL);
+    if (cache_limit < 0) {
+        /* A quarter of the working set leaves room for the model itself;
+         * 1 GiB bounds what an idle cache can pin on big machines while
+         * still holding thousands of small scratch storages. */
+        uint64_t quarter = dev->info.recommended_max_working_set_size / 4;
+        pool->cache_limit = quarter != 0 && quarter < GIB ? quarter : GIB;
+    } else {
+        pool->cache_limit = (uint64_t)cache_limit;
+    }
+    cm__device_retain(dev);
+    pool->dev = dev;
+    pool->trimmer.hooks = &pool_trimmer_hooks;
+    pool->trimmer.owner = pool;
+    cm__memory_add_trimmer(dev, &pool->trimmer);
+    *out = pool;
+    return CM_OK;
+}
+
 void cm_pool_release(cm_pool_t *pool)
 {
     if (pool == NULL)
@@ -398,40 +413,6 @@ int cm_pool_clear(cm_pool_t *pool)
         return cm__fail(CM_ERR_INVALID_ARGUMENT, "cm_pool_clear: pool is NULL");
     pool_clear(pool, false);
     return CM_OK;
-}
-
-uint64_t cm__device_trim_pools(cm_device_t *dev)
-{
-    /* dev->pools is weak: a pool whose count already reached zero is being
-     * freed and unlinks itself under dev->lock, so skip it. The pool being
-     * trimmed stays referenced until the next one is, which keeps the walk
-     * on a live node while dev->lock is dropped (clearing takes pool locks
-     * and destroys storages, which takes dev->lock). */
-    uint64_t freed = 0;
-    cm_pool_t *held = NULL;
-    pthread_mutex_lock(&dev->lock);
-    cm_pool_t *p = dev->pools;
-    while (p != NULL) {
-        uint64_t rc = atomic_load(&p->refcount);
-        bool got = false;
-        while (rc != 0 && !(got = atomic_compare_exchange_weak(&p->refcount, &rc, rc + 1))) {
-        }
-        if (!got) {
-            p = p->dev_next;
-            continue;
-        }
-        pthread_mutex_unlock(&dev->lock);
-        if (held != NULL)
-            pool_drop_ref(held);
-        held = p;
-        freed += pool_clear(p, false);
-        pthread_mutex_lock(&dev->lock);
-        p = p->dev_next;
-    }
-    pthread_mutex_unlock(&dev->lock);
-    if (held != NULL)
-        pool_drop_ref(held);
-    return freed;
 }
 
 /* ------------------------------------------------------------------ */

@@ -49,9 +49,9 @@ int cm__storage_new(cm_device_t *dev, uint64_t len, int kind, cm_storage_t **out
             snprintf(why, sizeof why, "%s (%s in use)", cm_last_error(),
                      BYTES(atomic_load(&dev->active_bytes), b2));
         }
-        /* Cached pool storages are memory we can give back; retrying only
-         * makes sense when that freed something. */
-        if (attempt > 0 || cm__device_trim_pools(dev) == 0) {
+        /* The device's caches (pools) hold memory we can give back;
+         * retrying only makes sense when that freed something. */
+        if (attempt > 0 || cm__memory_trim(dev) == 0) {
             free(s);
             return cm__fail(CM_ERR_OUT_OF_MEMORY, "cannot allocate %s: %s",
                             BYTES(len, b1), why);
