@@ -1,66 +1,58 @@
 /*
- * backend.c -- which backend a device opens on: the backends this build
- * has, and the choice among them (CM_BACKEND_AUTO prefers Metal).
+ * backend.c -- which backend a device opens on: the table of backends this
+ * build has, and the choice among them. The only file that names a
+ * backend; everything else reaches one through its cm_backend_t.
  *
  * Owns nothing mutable and takes no lock.
  */
 #include "internal.h"
 
-static int metal_available(void)
-{
+/* In order of preference for CM_BACKEND_AUTO. The host backend is always
+ * built and always available, so AUTO always finds one. */
+static const cm_backend_t *const backends[] = {
 #if defined(CM_HAVE_METAL)
-    return cm_metal_backend.available();
-#else
-    return 0;
+    &cm_metal_backend,
 #endif
+    &cm_host_backend,
+};
+
+#define NBACKENDS (sizeof backends / sizeof backends[0])
+
+static const cm_backend_t *built(int kind)
+{
+    for (size_t i = 0; i < NBACKENDS; i++)
+        if (backends[i]->kind == kind)
+            return backends[i];
+    return NULL;
 }
 
 int cm_backend_available(int backend)
 {
-    switch (backend) {
-    case CM_BACKEND_AUTO:
+    if (backend == CM_BACKEND_AUTO)
         return 1;
-    case CM_BACKEND_HOST:
-        return cm_host_backend.available();
-    case CM_BACKEND_METAL:
-        return metal_available();
-    default:
-        return 0;
-    }
+    const cm_backend_t *be = built(backend);
+    return be != NULL && be->available();
 }
 
 int cm__backend_pick(int backend, const cm_backend_t **out)
 {
-    switch (backend) {
-    case CM_BACKEND_AUTO:
-#if defined(CM_HAVE_METAL)
-        if (cm_metal_backend.available()) {
-            *out = &cm_metal_backend;
-            return CM_OK;
-        }
-#endif
-        *out = &cm_host_backend;
-        return CM_OK;
-    case CM_BACKEND_HOST:
-        *out = &cm_host_backend;
-        return CM_OK;
-    case CM_BACKEND_METAL:
-#if defined(CM_HAVE_METAL)
-        if (cm_metal_backend.available()) {
-            *out = &cm_metal_backend;
-            return CM_OK;
-        }
-        return cm__fail(CM_ERR_DEVICE_NOT_FOUND,
-                        "no Metal device: MTLCreateSystemDefaultDevice() found none "
-                        "in this process");
-#else
-        return cm__fail(CM_ERR_DEVICE_NOT_FOUND,
-                        "no Metal device: this build has no Metal backend (Metal "
-                        "exists only on macOS)");
-#endif
-    default:
+    if (backend != CM_BACKEND_AUTO && backend != CM_BACKEND_HOST && backend != CM_BACKEND_METAL)
         return cm__fail(CM_ERR_INVALID_ARGUMENT,
                         "unknown backend %d: expected %d (auto), %d (host) or %d (metal)",
                         backend, CM_BACKEND_AUTO, CM_BACKEND_HOST, CM_BACKEND_METAL);
+    for (size_t i = 0; i < NBACKENDS; i++) {
+        const cm_backend_t *be = backends[i];
+        if ((backend == CM_BACKEND_AUTO || be->kind == backend) && be->available()) {
+            *out = be;
+            return CM_OK;
+        }
     }
+    /* Only Metal can be missing or unavailable. */
+    if (built(CM_BACKEND_METAL) == NULL)
+        return cm__fail(CM_ERR_DEVICE_NOT_FOUND,
+                        "no Metal device: this build has no Metal backend (Metal "
+                        "exists only on macOS)");
+    return cm__fail(CM_ERR_DEVICE_NOT_FOUND,
+                    "no Metal device: MTLCreateSystemDefaultDevice() found none "
+                    "in this process");
 }

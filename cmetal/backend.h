@@ -4,9 +4,12 @@
  * of backends this build has (backend.c).
  *
  * A backend is the table and nothing more, so the behaviour tests observe
- * on the host backend is the code that runs on Metal. What a backend may
- * use of the core: the objects it is handed (their layout is in
- * internal.h), cm__fail / cm__fmt_bytes, and cm__cmdbuf_complete.
+ * on the host backend is the code that runs on Metal. The core reaches a
+ * backend only through its table (backend.c alone names the tables), and
+ * a backend names no file of the core above error.c: what it may use is
+ * the objects it is handed (their layout is in internal.h), cm__fail /
+ * cm__fmt_bytes, and cm__cmdbuf_complete, which runs the completion the
+ * core put on the command buffer.
  * Locking: see LOCKING.md.
  */
 #ifndef CMETAL_BACKEND_H
@@ -33,6 +36,14 @@ typedef struct cm_backend {
      * make residency sets (Metal before macOS 15); the core clears it too
      * when the caller asked for no residency. */
     int (*open)(cm_device_t *dev, void **state, cm_device_info_t *info);
+
+    /* Optional. The bytes this backend's buffers can take before the
+     * machine suffers, which the core makes the device's default memory
+     * limit: the host backend's buffers are plain process memory, so past
+     * the machine's RAM the OS swaps or kills the process. NULL or 0: GPU
+     * memory, which can page past the recommended working set; the core
+     * then allows the working set and half as much again. */
+    uint64_t (*memory_ceiling)(void *state);
 
     /* Tear the state down. Called once, when the device's last reference
      * dies; every storage, shard, command buffer and kernel is gone by

@@ -23,6 +23,8 @@
  * to 4 KiB; bigger constants belong in a buffer. */
 #define CM_MAX_CONSTANT_BYTES 4096
 
+static void cmdbuf_complete(cm_cmdbuf_t *cb, int status, const char *message);
+
 int cm_cmdbuf_create(cm_device_t *dev, cm_cmdbuf_t **out)
 {
     if (dev == NULL || out == NULL)
@@ -36,6 +38,7 @@ int cm_cmdbuf_create(cm_device_t *dev, cm_cmdbuf_t **out)
     cm__device_retain(dev);
     cb->dev = dev;
     cb->status = CM_CB_NOT_COMMITTED;
+    cb->complete = cmdbuf_complete;
     *out = cb;
     return CM_OK;
 }
@@ -486,7 +489,9 @@ int cm_cmdbuf_commit(cm_cmdbuf_t *cb)
     return CM_OK;
 }
 
-void cm__cmdbuf_complete(cm_cmdbuf_t *cb, int status, const char *message)
+/* The completion every command buffer carries (cb->complete), run by the
+ * backend through cm__cmdbuf_complete. */
+static void cmdbuf_complete(cm_cmdbuf_t *cb, int status, const char *message)
 {
     cm_device_t *dev = cb->dev;
     /* Writers drop first: their storages are still held, so the counters

@@ -46,6 +46,7 @@ typedef struct host_state {
     bool detached;          /* close() ran on the worker: it frees us     */
     cm_cmdbuf_t *head, *tail; /* FIFO linked through cb->backend_data     */
     uint64_t page;
+    uint64_t ram;           /* the machine's, or our assumption of it     */
 } host_state_t;
 
 /* Host memory is always resident; the set only remembers what was asked
@@ -55,7 +56,8 @@ typedef struct host_rset {
     uint64_t members, commits, requests;
 } host_rset_t;
 
-uint64_t cm__physical_memory(void)
+/* 0 if unknown. */
+static uint64_t physical_memory(void)
 {
 #if defined(__APPLE__)
     uint64_t mem = 0;
@@ -175,9 +177,10 @@ static int host_open(cm_device_t *dev, void **state, cm_device_info_t *info)
     long psize = sysconf(_SC_PAGESIZE);
     st->page = psize > 0 ? (uint64_t)psize : 4096;
 
-    uint64_t phys = cm__physical_memory();
+    uint64_t phys = physical_memory();
     if (phys == 0)
         phys = (uint64_t)4 << 30; /* unknown: assume a small machine */
+    st->ram = phys;
     struct utsname un;
     const char *arch = uname(&un) == 0 ? un.machine : "unknown";
     long cores = sysconf(_SC_NPROCESSORS_ONLN);
@@ -203,6 +206,12 @@ static int host_open(cm_device_t *dev, void **state, cm_device_info_t *info)
     }
     *state = st;
     return CM_OK;
+}
+
+/* Past the RAM, the OS swaps or kills the process. */
+static uint64_t host_memory_ceiling(void *state)
+{
+    return ((const host_state_t *)state)->ram;
 }
 
 static void host_close(void *state)
@@ -383,6 +392,7 @@ const cm_backend_t cm_host_backend = {
     .kind = CM_BACKEND_HOST,
     .available = host_available,
     .open = host_open,
+    .memory_ceiling = host_memory_ceiling,
     .close = host_close,
     .buffer_alloc = host_buffer_alloc,
     .buffer_free = host_buffer_free,

@@ -122,12 +122,25 @@ struct cm_cmdbuf {
     size_t nwrites, writes_cap;
     uint64_t seq;                     /* submission order                 */
     void *backend_data;               /* free for the backend's use       */
+    /* What the backend runs when the buffer is done (cm__cmdbuf_complete
+     * below); set by the core when it creates the buffer. */
+    void (*complete)(cm_cmdbuf_t *cb, int status, const char *message);
     /* core only: serialises encoders of one command buffer, and the open-
      * addressing sets that keep holds and writes free of duplicates */
     pthread_mutex_t enc_lock;
     cm_storage_t **hold_set, **write_set;
     size_t hold_set_cap, write_set_cap;
 };
+
+/* Backends call this exactly once per submitted command buffer, from any
+ * thread, after the ops ran (status CM_OK) or failed (status != CM_OK,
+ * message describes it): the core's completion releases the holds, then
+ * marks the buffer done and wakes waiters (cmdbuf.c). Through the hook on
+ * the buffer, so a backend never names the layer above it. */
+static inline void cm__cmdbuf_complete(cm_cmdbuf_t *cb, int status, const char *message)
+{
+    cb->complete(cb, status, message);
+}
 
 struct cm_kernel {
     atomic_uint_fast64_t refcount;
@@ -267,14 +280,5 @@ int cm__storage_new(cm_device_t *dev, uint64_t len, int kind, cm_storage_t **out
  * keep: stage its residency removal, free its memory, update statistics,
  * then drop the storage's reference on its owner. */
 void cm__storage_destroy(cm_storage_t *s);
-
-/* cmdbuf.c: backends call this exactly once per submitted command buffer,
- * from any thread, after the ops ran (status CM_OK) or failed (status !=
- * CM_OK, message describes it). Releases the holds, then marks the buffer
- * done and wakes waiters. */
-void cm__cmdbuf_complete(cm_cmdbuf_t *cb, int status, const char *message);
-
-/* host.c: physical memory of this machine in bytes (0 if unknown). */
-uint64_t cm__physical_memory(void);
 
 #endif /* CMETAL_INTERNAL_H */

@@ -91,16 +91,14 @@ bool cm__memory_fault_fires(cm_device_t *dev, uint64_t len)
 
 uint64_t cm__memory_default_limit(const cm_device_t *dev)
 {
-    /* Host: the machine's RAM, beyond which the OS would swap or kill us.
-     * Metal: unified memory lets a process go past the recommended working
-     * set, at the price of paging; half as much again is where MLX-style
-     * allocators stop too. */
-    uint64_t limit;
-    if (dev->backend->kind == CM_BACKEND_HOST) {
-        limit = cm__physical_memory();
-        if (limit == 0)
-            limit = dev->info.recommended_max_working_set_size / 3 * 4;
-    } else {
+    /* A backend of plain process memory names its ceiling (the host's RAM,
+     * beyond which the OS would swap or kill us). GPU memory: unified
+     * memory lets a process go past the recommended working set, at the
+     * price of paging; half as much again is where MLX-style allocators
+     * stop too. */
+    const cm_backend_t *be = dev->backend;
+    uint64_t limit = be->memory_ceiling != NULL ? be->memory_ceiling(dev->state) : 0;
+    if (limit == 0) {
         uint64_t rec = dev->info.recommended_max_working_set_size;
         limit = rec + rec / 2;
     }
