@@ -8,6 +8,21 @@
  * sharding, the pool, in-flight holds, statistics, locking, fault
  * injection. A backend is the table of primitives in backend.h.
  *
+ * Layers, lowest first. A file calls only into files of lower layers
+ * (a layer below reaches one above only through hooks the upper one
+ * installs), and only backend.c names a backend:
+ *   error.c
+ *   host.c, metal.m                      (backends)
+ *   backend.c, memory.c, residency.c
+ *   keepalive.c
+ *   device.c
+ *   storage.c, compute.c
+ *   cmdbuf.c, pool.c
+ *   interop.c
+ *   pycapsule.c
+ * tests/test_c_layers.py checks this against the symbols each file's
+ * object defines and needs.
+ *
  * Locks, their order and what each guards: LOCKING.md (the one place).
  */
 #ifndef CMETAL_INTERNAL_H
