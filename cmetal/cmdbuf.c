@@ -282,36 +282,15 @@ static int dispatch_check(cm_cmdbuf_t *cb, cm_kernel_t *kernel, const uint64_t *
         return cm__fail(CM_ERR_INVALID_ARGUMENT,
                         "kernel '%s' belongs to another device than the command buffer",
                         kernel->info.name);
-    if (grid == NULL || threadgroup == NULL)
-        return cm__fail(CM_ERR_INVALID_ARGUMENT, "grid and threadgroup sizes are required");
-    uint64_t tg_total = 1;
-    for (int i = 0; i < 3; i++) {
-        if (grid[i] == 0 || threadgroup[i] == 0)
-            return cm__fail(CM_ERR_INVALID_ARGUMENT,
-                            "grid (%llu, %llu, %llu) and threadgroup (%llu, %llu, %llu) "
-                            "must be at least 1 in every dimension",
-                            (unsigned long long)grid[0], (unsigned long long)grid[1],
-                            (unsigned long long)grid[2], (unsigned long long)threadgroup[0],
-                            (unsigned long long)threadgroup[1],
-                            (unsigned long long)threadgroup[2]);
-        if (threadgroup[i] > UINT64_MAX / tg_total)
-            tg_total = UINT64_MAX;
-        else
-            tg_total *= threadgroup[i];
-    }
-    uint64_t tg_max = kernel->info.max_total_threads_per_threadgroup;
-    if (tg_max != 0 && tg_total > tg_max)
-        return cm__fail(CM_ERR_INVALID_ARGUMENT,
-                        "threadgroup of %llu threads exceeds kernel '%s' maximum of %llu",
-                        (unsigned long long)tg_total, kernel->info.name,
-                        (unsigned long long)tg_max);
+    int rc = cm__kernel_check_launch(kernel, grid, threadgroup);
+    if (rc != CM_OK)
+        return rc;
     if (nbufs > CM_MAX_KERNEL_ARGS || nconsts > CM_MAX_KERNEL_ARGS - nbufs)
         return cm__fail(CM_ERR_INVALID_ARGUMENT,
                         "%zu buffers and %zu constants exceed the %d argument slots",
                         nbufs, nconsts, CM_MAX_KERNEL_ARGS);
     if (nbufs > 0 && bufs == NULL)
         return cm__fail(CM_ERR_INVALID_ARGUMENT, "%zu buffers given but bufs is NULL", nbufs);
-    int rc;
     for (size_t i = 0; i < nbufs; i++) {
         char role[32];
         snprintf(role, sizeof role, "buffer %zu's", i);

@@ -1,7 +1,7 @@
 /*
  * compute.c -- compiled shader libraries and their kernels. A library
  * caches the kernels made from it, so asking twice for one name returns
- * the same kernel.
+ * the same kernel; a kernel knows the launch shapes it accepts.
  *
  * Owns the library and kernel records. Takes lib->lock around the kernel
  * cache (and calls the backend's kernel_create under it); nothing else.
@@ -118,5 +118,34 @@ int cm_kernel_info(cm_kernel_t *k, cm_kernel_info_t *out)
     if (k == NULL || out == NULL)
         return cm__fail(CM_ERR_INVALID_ARGUMENT, "cm_kernel_info: NULL argument");
     *out = k->info;
+    return CM_OK;
+}
+
+int cm__kernel_check_launch(const cm_kernel_t *k, const uint64_t *grid,
+                            const uint64_t *threadgroup)
+{
+    if (grid == NULL || threadgroup == NULL)
+        return cm__fail(CM_ERR_INVALID_ARGUMENT, "grid and threadgroup sizes are required");
+    uint64_t tg_total = 1;
+    for (int i = 0; i < 3; i++) {
+        if (grid[i] == 0 || threadgroup[i] == 0)
+            return cm__fail(CM_ERR_INVALID_ARGUMENT,
+                            "grid (%llu, %llu, %llu) and threadgroup (%llu, %llu, %llu) "
+                            "must be at least 1 in every dimension",
+                            (unsigned long long)grid[0], (unsigned long long)grid[1],
+                            (unsigned long long)grid[2], (unsigned long long)threadgroup[0],
+                            (unsigned long long)threadgroup[1],
+                            (unsigned long long)threadgroup[2]);
+        if (threadgroup[i] > UINT64_MAX / tg_total)
+            tg_total = UINT64_MAX;
+        else
+            tg_total *= threadgroup[i];
+    }
+    uint64_t tg_max = k->info.max_total_threads_per_threadgroup;
+    if (tg_max != 0 && tg_total > tg_max)
+        return cm__fail(CM_ERR_INVALID_ARGUMENT,
+                        "threadgroup of %llu threads exceeds kernel '%s' maximum of %llu",
+                        (unsigned long long)tg_total, k->info.name,
+                        (unsigned long long)tg_max);
     return CM_OK;
 }

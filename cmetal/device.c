@@ -18,6 +18,17 @@
 #include <string.h>
 #include <unistd.h>
 
+static void free_record(cm_device_t *dev)
+{
+    pthread_mutex_destroy(&dev->lock);
+    pthread_mutex_destroy(&dev->cb_lock);
+    pthread_mutex_destroy(&dev->submit_lock);
+    pthread_cond_destroy(&dev->cb_cond);
+    pthread_mutex_destroy(&dev->ka_lock);
+    pthread_cond_destroy(&dev->ka_cond);
+    free(dev);
+}
+
 int cm_device_open(int backend, int flags, cm_device_t **out)
 {
     if (out == NULL)
@@ -59,13 +70,7 @@ int cm_device_open(int backend, int flags, cm_device_t **out)
     dev->info.residency_enabled = 1;
     rc = be->open(dev, &dev->state, &dev->info);
     if (rc != CM_OK) {
-        pthread_mutex_destroy(&dev->lock);
-        pthread_mutex_destroy(&dev->cb_lock);
-        pthread_mutex_destroy(&dev->submit_lock);
-        pthread_cond_destroy(&dev->cb_cond);
-        pthread_mutex_destroy(&dev->ka_lock);
-        pthread_cond_destroy(&dev->ka_cond);
-        free(dev);
+        free_record(dev);
         return rc;
     }
     dev->info.backend = be->kind;
@@ -100,14 +105,7 @@ static void device_destroy(cm_device_t *dev)
     cm__keepalive_stop(dev);
     cm__residency_close(dev);
     dev->backend->close(dev->state);
-
-    pthread_mutex_destroy(&dev->lock);
-    pthread_mutex_destroy(&dev->cb_lock);
-    pthread_mutex_destroy(&dev->submit_lock);
-    pthread_cond_destroy(&dev->cb_cond);
-    pthread_mutex_destroy(&dev->ka_lock);
-    pthread_cond_destroy(&dev->ka_cond);
-    free(dev);
+    free_record(dev);
 }
 
 void cm_device_release(cm_device_t *dev)

@@ -236,7 +236,8 @@ struct cm_device {
     bool ka_started, ka_stop;
     double ka_seconds, ka_interval, ka_last_submit;
 
-    /* Pool caches of this device, for cm_device_stats (pool.c keeps them). */
+    /* What the device's caches (its pools) hold, for cm_device_stats; the
+     * caches keep these counts. */
     atomic_uint_fast64_t cached_bytes, cached_storages;
 };
 
@@ -264,7 +265,8 @@ void cm__memory_remove_trimmer(cm_device_t *dev, cm_trimmer_t *t);
  * no lock held. */
 uint64_t cm__memory_trim(cm_device_t *dev);
 
-/* residency.c (dev->lock taken inside each). */
+/* residency.c: each takes dev->lock but cm__residency_init, which runs
+ * before the device is shared. */
 /* Set the shard cap a device starts with, from its info. */
 void cm__residency_init(cm_device_t *dev);
 /* Stage the residency add / remove of a storage. */
@@ -295,5 +297,11 @@ int cm__storage_new(cm_device_t *dev, uint64_t len, int kind, cm_storage_t **out
  * keep: stage its residency removal, free its memory, update statistics,
  * then drop the storage's reference on its owner. */
 void cm__storage_destroy(cm_storage_t *s);
+
+/* compute.c: fail unless kernel k accepts a launch of this grid and
+ * threadgroup (every dimension at least 1, no more threads per
+ * threadgroup than its pipeline allows). */
+int cm__kernel_check_launch(const cm_kernel_t *k, const uint64_t *grid,
+                            const uint64_t *threadgroup);
 
 #endif /* CMETAL_INTERNAL_H */

@@ -5,9 +5,10 @@
  * their owner, a pool, or freed with their residency removal staged).
  *
  * Owns the storage record and dev->live_storages / alloc_count /
- * free_count. Takes dev->lock only through memory.c and residency.c, and
- * dev->cb_lock to wait for in-flight writers. A storage is destroyed with
- * no lock held. Lock order: LOCKING.md.
+ * free_count. Takes dev->lock to read storage->shard (cm_storage_info)
+ * and through memory.c and residency.c, and dev->cb_lock to wait for
+ * in-flight writers. A storage is destroyed with no lock held. Lock order:
+ * LOCKING.md.
  */
 #define _DEFAULT_SOURCE 1
 #define _DARWIN_C_SOURCE 1

@@ -38,7 +38,7 @@ OBJC_FLAGS = [
     "-target", "arm64-apple-macos14", "-nostdlibinc",
     "-isystem", str(CMETAL / "stubs" / "libc"), "-isystem", str(CMETAL / "stubs" / "sdk"),
     f"-I{CMETAL}",
-]  # fmt: skip
+]
 
 
 def _compile(source: Path, out_dir: Path) -> Path:
@@ -213,15 +213,21 @@ def test_metal_backend_calls_only_below_it(c_objects, tmp_path):
     _assert_layered(graph)
 
 
+def _graph_with(c_objects, tmp_path, name: str, code: str) -> dict[str, dict[str, set[str]]]:
+    """The graph with `code` appended to cmetal/<name> (a new file if there is none)."""
+    source = tmp_path / name
+    original = CMETAL / name
+    source.write_text((original.read_text() if original.exists() else '#include "internal.h"\n') + code)
+    return dependency_graph({**c_objects, name: _compile(source, tmp_path)})
+
+
 def test_an_upward_call_is_caught(c_objects, tmp_path):
     # residency.c is used by pool.c; make it call the pool back.
-    mutated = tmp_path / "residency.c"
-    mutated.write_text(
-        (CMETAL / "residency.c").read_text()
-        + "\nvoid cm__residency_upcall(cm_pool_t *pool);\n"
-        + "void cm__residency_upcall(cm_pool_t *pool) { cm_pool_release(pool); }\n"
+    graph = _graph_with(
+        c_objects, tmp_path, "residency.c",
+        "void cm__residency_upcall(cm_pool_t *pool);\n"
+        "void cm__residency_upcall(cm_pool_t *pool) { cm_pool_release(pool); }\n",
     )
-    graph = dependency_graph({**c_objects, "residency.c": _compile(mutated, tmp_path)})
     problems = check(graph)
     assert any(p.startswith("circle:") and "pool.c" in p and "residency.c" in p for p in problems), problems
     assert any(p.startswith("residency.c") and "into pool.c" in p and "cm_pool_release" in p for p in problems)
@@ -229,20 +235,19 @@ def test_an_upward_call_is_caught(c_objects, tmp_path):
 
 def test_a_backend_named_outside_backend_c_is_caught(c_objects, tmp_path):
     # What device open once did: ask the host backend by name.
-    mutated = tmp_path / "memory.c"
-    mutated.write_text(
-        (CMETAL / "memory.c").read_text()
-        + "\nint cm__memory_host_kind(void);\n"
-        + "int cm__memory_host_kind(void) { return cm_host_backend.kind; }\n"
+    graph = _graph_with(
+        c_objects, tmp_path, "memory.c",
+        "int cm__memory_host_kind(void);\n"
+        "int cm__memory_host_kind(void) { return cm_host_backend.kind; }\n",
     )
-    graph = dependency_graph({**c_objects, "memory.c": _compile(mutated, tmp_path)})
     assert "memory.c names the backend host.c (cm_host_backend); only backend.c may" in check(graph)
 
 
 def test_a_file_missing_from_the_layer_list_is_caught(c_objects, tmp_path):
-    extra = tmp_path / "newconcept.c"
-    extra.write_text('#include "internal.h"\nvoid cm__newconcept(cm_device_t *d) { cm_device_release(d); }\n')
-    graph = dependency_graph({**c_objects, "newconcept.c": _compile(extra, tmp_path)})
+    graph = _graph_with(
+        c_objects, tmp_path, "newconcept.c",
+        "void cm__newconcept(cm_device_t *d);\nvoid cm__newconcept(cm_device_t *d) { cm_device_release(d); }\n",
+    )
     assert "newconcept.c is not in the layer list at the top of internal.h" in check(graph)
 
 

@@ -1,16 +1,14 @@
 /*
  * test_core.c -- the C core and host backend through the public ABI only.
  *
- * Plain C, no framework: CHECK prints the failing expression with the
- * thread's last C error and counts it; main returns non-zero if anything
- * failed. Built and run by tests/c/run.sh (ASan + UBSan, optionally
- * valgrind). No timing assertions: waits are bounded polls that only
- * fail when something never happens.
+ * CHECK and the runner are in check.h. Built and run by tests/c/run.sh
+ * (ASan + UBSan, optionally valgrind). No timing assertions: waits are
+ * bounded polls that only fail when something never happens.
  */
 #define _DEFAULT_SOURCE 1
 #define _DARWIN_C_SOURCE 1
 
-#include "cmetal.h"
+#include "check.h"
 #include "internal.h" /* only for the failing-submit backend below */
 
 #include <inttypes.h>
@@ -24,47 +22,10 @@
 #include <time.h>
 #include <unistd.h>
 
-static int failures;
-static int checks;
-
-#define CHECK(cond)                                                                      \
-    do {                                                                                 \
-        checks++;                                                                        \
-        if (!(cond)) {                                                                   \
-            failures++;                                                                  \
-            fprintf(stderr, "%s:%d: CHECK failed: %s (last error %d: %s)\n", __FILE__,   \
-                    __LINE__, #cond, cm_last_status(), cm_last_error());                 \
-        }                                                                                \
-    } while (0)
-
-#define CHECK_OK(expr) CHECK((expr) == CM_OK)
-#define CHECK_EQ_U(a, b)                                                                 \
-    do {                                                                                 \
-        uint64_t a_ = (uint64_t)(a), b_ = (uint64_t)(b);                                 \
-        checks++;                                                                        \
-        if (a_ != b_) {                                                                  \
-            failures++;                                                                  \
-            fprintf(stderr, "%s:%d: CHECK failed: %s == %s (%" PRIu64 " != %" PRIu64     \
-                            ")\n",                                                       \
-                    __FILE__, __LINE__, #a, #b, a_, b_);                                 \
-        }                                                                                \
-    } while (0)
-#define CHECK_MSG(sub) CHECK(strstr(cm_last_error(), (sub)) != NULL)
-
 static void sleep_ms(long ms)
 {
     struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
     nanosleep(&ts, NULL);
-}
-
-static cm_device_t *open_host(int flags)
-{
-    cm_device_t *dev = NULL;
-    if (cm_device_open(CM_BACKEND_HOST, flags, &dev) != CM_OK) {
-        fprintf(stderr, "cannot open host device: %s\n", cm_last_error());
-        exit(2);
-    }
-    return dev;
 }
 
 static cm_device_stats_t stats(cm_device_t *dev)
@@ -1307,10 +1268,7 @@ static void test_synchronize_after_failed_submit(void)
 
 int main(void)
 {
-    struct {
-        const char *name;
-        void (*fn)(void);
-    } tests[] = {
+    static const test_case_t tests[] = {
         {"device_info", test_device_info},
         {"alloc_zero_align", test_alloc_zero_align},
         {"refcounts", test_refcounts},
@@ -1329,11 +1287,5 @@ int main(void)
         {"destroy_from_worker", test_destroy_from_worker},
         {"sync_after_failed_submit", test_synchronize_after_failed_submit},
     };
-    for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
-        int before = failures;
-        tests[i].fn();
-        printf("%-28s %s\n", tests[i].name, failures == before ? "ok" : "FAILED");
-    }
-    printf("%d checks, %d failed\n", checks, failures);
-    return failures == 0 ? 0 : 1;
+    return run_tests(tests, sizeof tests / sizeof tests[0]);
 }

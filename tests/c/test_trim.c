@@ -10,51 +10,13 @@
 #define _DEFAULT_SOURCE 1
 #define _DARWIN_C_SOURCE 1
 
-#include "cmetal.h"
+#include "check.h"
 #include "internal.h"
 
-#include <inttypes.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
-#include <stdint.h>
-#include <stdio.h>
 #include <stdlib.h>
-
-static int failures;
-static int checks;
-
-#define CHECK(cond)                                                                      \
-    do {                                                                                 \
-        checks++;                                                                        \
-        if (!(cond)) {                                                                   \
-            failures++;                                                                  \
-            fprintf(stderr, "%s:%d: CHECK failed: %s (last error %d: %s)\n", __FILE__,   \
-                    __LINE__, #cond, cm_last_status(), cm_last_error());                 \
-        }                                                                                \
-    } while (0)
-#define CHECK_OK(expr) CHECK((expr) == CM_OK)
-#define CHECK_EQ_U(a, b)                                                                 \
-    do {                                                                                 \
-        uint64_t a_ = (uint64_t)(a), b_ = (uint64_t)(b);                                 \
-        checks++;                                                                        \
-        if (a_ != b_) {                                                                  \
-            failures++;                                                                  \
-            fprintf(stderr, "%s:%d: CHECK failed: %s == %s (%" PRIu64 " != %" PRIu64     \
-                            ")\n",                                                       \
-                    __FILE__, __LINE__, #a, #b, a_, b_);                                 \
-        }                                                                                \
-    } while (0)
-
-static cm_device_t *open_host(void)
-{
-    cm_device_t *dev = NULL;
-    if (cm_device_open(CM_BACKEND_HOST, 0, &dev) != CM_OK) {
-        fprintf(stderr, "cannot open host device: %s\n", cm_last_error());
-        exit(2);
-    }
-    return dev;
-}
 
 /* ------------------------------------------------------------------ */
 /* A fake cache: a reference count, and what its trim does             */
@@ -133,7 +95,7 @@ static fake_t *fake_new(cm_device_t *dev, uint64_t refcount, uint64_t bytes, see
 
 static void test_nothing_to_trim(void)
 {
-    cm_device_t *dev = open_host();
+    cm_device_t *dev = open_host(0);
     CHECK_EQ_U(cm__memory_trim(dev), 0);
     cm_device_release(dev);
 }
@@ -141,7 +103,7 @@ static void test_nothing_to_trim(void)
 /* The walk visits the newest registration first: c, then b, then a. */
 static void test_owners_freed_during_the_walk(void)
 {
-    cm_device_t *dev = open_host();
+    cm_device_t *dev = open_host(0);
     seen_t sa = {0, 0}, sb = {0, 0}, sc = {0, 0};
     fake_t *a = fake_new(dev, 1, 1, &sa);
     fake_t *b = fake_new(dev, 1, 10, &sb);
@@ -173,7 +135,7 @@ static void test_owners_freed_during_the_walk(void)
  * to, on another thread): the walk passes it by without a reference. */
 static void test_owner_being_freed_is_skipped(void)
 {
-    cm_device_t *dev = open_host();
+    cm_device_t *dev = open_host(0);
     seen_t sd = {0, 0}, se = {0, 0};
     fake_t *e = fake_new(dev, 1, 7, &se);
     fake_t *d = fake_new(dev, 0, 1000, &sd);
@@ -191,7 +153,7 @@ static void test_owner_being_freed_is_skipped(void)
 /* A real pool: its cache is what a trim gives back. */
 static void test_pool_cache_is_trimmed(void)
 {
-    cm_device_t *dev = open_host();
+    cm_device_t *dev = open_host(0);
     cm_pool_t *p1, *p2;
     CHECK_OK(cm_pool_create(dev, -1, &p1));
     CHECK_OK(cm_pool_create(dev, -1, &p2));
@@ -268,7 +230,7 @@ static void *trim_all_the_time(void *arg)
 static void test_trim_races_pool_release(void)
 {
     race_t r;
-    r.dev = open_host();
+    r.dev = open_host(0);
     atomic_init(&r.churners_left, CHURNERS);
     atomic_init(&r.errors, 0);
     pthread_t th[CHURNERS + TRIMMERS];
@@ -289,21 +251,12 @@ static void test_trim_races_pool_release(void)
 
 int main(void)
 {
-    struct {
-        const char *name;
-        void (*fn)(void);
-    } tests[] = {
+    static const test_case_t tests[] = {
         {"nothing_to_trim", test_nothing_to_trim},
         {"owners_freed_during_the_walk", test_owners_freed_during_the_walk},
         {"owner_being_freed_is_skipped", test_owner_being_freed_is_skipped},
         {"pool_cache_is_trimmed", test_pool_cache_is_trimmed},
         {"trim_races_pool_release", test_trim_races_pool_release},
     };
-    for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
-        int before = failures;
-        tests[i].fn();
-        printf("%-30s %s\n", tests[i].name, failures == before ? "ok" : "FAILED");
-    }
-    printf("%d checks, %d failed\n", checks, failures);
-    return failures == 0 ? 0 : 1;
+    return run_tests(tests, sizeof tests / sizeof tests[0]);
 }
