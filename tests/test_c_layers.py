@@ -2,13 +2,14 @@
 
 Each `cmetal/*.c` is compiled to an object file and `nm` lists the symbols
 it defines and the ones it needs. File A depends on file B when A needs a
-symbol B defines; that graph must have no circle, and every edge must go
+symbol B defines; that graph must have no circle, every edge must go
 from a layer to a lower one, as the layer list at the top of
 `cmetal/internal.h` says (so the list cannot go stale: a new file must be
-placed in it). `cmetal/metal.m` joins the graph when clang-19 is there: it
-is compiled for an Apple target against the stub headers of `cmetal/stubs`
-(as `cmetal/check_objc.sh` does), which is enough for `llvm-nm` to read
-what it calls. The checks are shown to bite by adding an upward call.
+placed in it), and only backend.c may name a backend. `cmetal/metal.m`
+joins the graph when clang-19 is there (in CI it must be): it is compiled
+for an Apple target against the stub headers of `cmetal/stubs` (as
+`cmetal/check_objc.sh` does), which is enough for `llvm-nm` to read what it
+calls. Mutated copies of the sources show that each check bites.
 
 `python tests/test_c_layers.py` prints the graph.
 """
@@ -17,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -29,6 +31,9 @@ CC = os.environ.get("CC", "cc")
 CLANG = os.environ.get("CLANG", "clang-19")
 # llvm-nm reads Mach-O objects (metal.m's) as well as ELF.
 NM = "llvm-nm-19" if shutil.which("llvm-nm-19") else "nm"
+# The sanitizer pass preloads ASan into the interpreter; the compilers and
+# nm must not inherit it.
+TOOL_ENV = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
 
 # Compiled as the extension compiles them, with the Metal backend declared
 # so backend.c's use of it shows. pycapsule.c needs Python.h.
@@ -47,15 +52,17 @@ def _compile(source: Path, out_dir: Path) -> Path:
         cmd = [CLANG, *OBJC_FLAGS, "-c", str(source), "-o", str(obj)]
     else:
         cmd = [CC, *C_FLAGS, "-c", str(source), "-o", str(obj)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=TOOL_ENV)
     assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stderr}"
     return obj
 
 
 def _symbols(obj: Path) -> tuple[set[str], set[str]]:
     """(defined, needed) global symbols of an object file."""
-    out = subprocess.run([NM, "-P", str(obj)], capture_output=True, text=True, check=True, timeout=60).stdout
-    macho = obj.name.endswith(".m.o")  # Mach-O prefixes C names with '_'
+    out = subprocess.run(
+        [NM, "-P", str(obj)], capture_output=True, text=True, check=True, timeout=60, env=TOOL_ENV
+    ).stdout
+    macho = obj.name.endswith(".m.o") or sys.platform == "darwin"  # Mach-O prefixes C names with '_'
     defined, needed = set(), set()
     for line in out.splitlines():
         parts = line.split()
