@@ -36,10 +36,10 @@
  * - A released pool frees instead of caching.
  *
  * Locking: pool->lock guards the cache and the statistics; dev->lock the
- * device's list of trimmers. The two never nest, and storages are destroyed with
- * no pool lock held (destruction takes dev->lock and can drop the pool's
- * last reference); order and rules in LOCKING.md. The hit path is one
- * lock, a hash probe and a list unlink: O(1), no allocation.
+ * device's list of trimmers. The two never nest, and storages are
+ * destroyed with no pool lock held (destruction takes dev->lock and can
+ * drop the pool's last reference); order and rules in LOCKING.md. The hit
+ * path is one lock, a hash probe and a list unlink: O(1), no allocation.
  */
 #include "internal.h"
 
@@ -62,7 +62,7 @@ typedef struct cm_class_slot {
 struct cm_pool {
     atomic_uint_fast64_t refcount;    /* caller's + one per pooled storage */
     cm_device_t *dev;                 /* strong reference                 */
-    cm_trimmer_t trimmer;             /* registered with dev while alive */
+    cm_trimmer_t trimmer;             /* in dev->trimmers until count 0   */
 
     pthread_mutex_t lock;
     bool closed;
