@@ -17,6 +17,7 @@
 
 #include "cmetal.h"
 
+#include <stdbool.h>
 #include <stdint.h>
 
 /* A backend-native object: an id<MTLBuffer> (bridged, +1) on Metal; on
@@ -44,6 +45,23 @@ typedef struct cm_backend {
      * memory, which can page past the recommended working set; the core
      * then allows the working set and half as much again. */
     uint64_t (*memory_ceiling)(void *state);
+
+    /* Optional, all three or none: fork() support (fork.c, LOCKING.md).
+     * Called for each open device of this backend, inside fork(), with
+     * the core's locks of the device held. fork_prepare (in the forking
+     * thread): take every lock of state, so that no thread of the backend
+     * is inside one at the fork; a backend thread must never hold one of
+     * them while it waits for the core or runs a completion. fork_parent:
+     * release them. fork_child (in the child, where the backend's threads
+     * no longer run): release them, never join or signal those threads,
+     * and return whether this process may still free the device's memory
+     * and objects (buffer_free, buffer_unwrap, library_release,
+     * kernel_release): true for plain process memory. The core never
+     * submits to, allocates on or waits for an inherited device. Without
+     * these hooks, the child leaves the device's memory to its exit. */
+    void (*fork_prepare)(void *state);
+    void (*fork_parent)(void *state);
+    bool (*fork_child)(void *state);
 
     /* Tear the state down. Called once, when the device's last reference
      * dies; every storage, shard, command buffer and kernel is gone by

@@ -9,6 +9,12 @@
  * states and counters. Holds are released with no lock held but
  * cb->enc_lock, since a release can destroy a storage. Lock order:
  * LOCKING.md.
+ *
+ * On a device inherited through fork() (fork.c) every call that would
+ * encode, submit or wait fails before it takes a lock: the buffer's
+ * enc_lock may be held by a thread that did not survive the fork, and
+ * the queue that would complete it stayed in the parent. Dropping the
+ * last reference still releases an uncommitted buffer's holds.
  */
 #define _DEFAULT_SOURCE 1
 #define _DARWIN_C_SOURCE 1
@@ -30,6 +36,9 @@ int cm_cmdbuf_create(cm_device_t *dev, cm_cmdbuf_t **out)
     if (dev == NULL || out == NULL)
         return cm__fail(CM_ERR_INVALID_ARGUMENT, "cm_cmdbuf_create: NULL argument");
     *out = NULL;
+    int rc = cm__fork_refuse(dev, "create a command buffer");
+    if (rc != CM_OK)
+        return rc;
     cm_cmdbuf_t *cb = calloc(1, sizeof *cb);
     if (cb == NULL)
         return cm__fail(CM_ERR_OUT_OF_MEMORY, "cannot allocate a command buffer record");
@@ -138,6 +147,9 @@ static void cb_hold_locked(cm_cmdbuf_t *cb, cm_storage_t *s, bool write)
 /* Lock the encoder and check it still accepts work. */
 static int cb_begin(cm_cmdbuf_t *cb, const char *what)
 {
+    int rc = cm__fork_refuse(cb->dev, what);
+    if (rc != CM_OK)
+        return rc;
     pthread_mutex_lock(&cb->enc_lock);
     int st = cb_status(cb);
     if (st == CM_CB_NOT_COMMITTED)
@@ -503,6 +515,9 @@ int cm_cmdbuf_wait(cm_cmdbuf_t *cb)
     if (cb == NULL)
         return cm__fail(CM_ERR_INVALID_ARGUMENT, "cm_cmdbuf_wait: command buffer is NULL");
     cm_device_t *dev = cb->dev;
+    int rc = cm__fork_refuse(dev, "wait for a command buffer");
+    if (rc != CM_OK)
+        return rc;
     pthread_mutex_lock(&dev->cb_lock);
     if (cb->status == CM_CB_NOT_COMMITTED || cb->status == CM_CB_DISCARDED) {
         bool discarded = cb->status == CM_CB_DISCARDED;
@@ -527,6 +542,9 @@ int cm_cmdbuf_discard(cm_cmdbuf_t *cb)
 {
     if (cb == NULL)
         return cm__fail(CM_ERR_INVALID_ARGUMENT, "cm_cmdbuf_discard: command buffer is NULL");
+    int rc = cm__fork_refuse(cb->dev, "discard a command buffer");
+    if (rc != CM_OK)
+        return rc;
     pthread_mutex_lock(&cb->enc_lock);
     int st = cb_status(cb);
     if (st == CM_CB_DISCARDED) {
@@ -556,27 +574,29 @@ int cm_cmdbuf_status(cm_cmdbuf_t *cb)
     return cb_status(cb);
 }
 
+/* A count of cb read under both locks that change it: encoders hold
+ * enc_lock, completion cb_lock. On an inherited device nothing encodes any
+ * more and enc_lock may be held by a thread that did not survive the fork,
+ * so cb_lock alone is taken there. */
+static uint64_t cb_count(cm_cmdbuf_t *cb, const size_t *count)
+{
+    bool encoders = !cb->dev->inherited;
+    if (encoders)
+        pthread_mutex_lock(&cb->enc_lock);
+    pthread_mutex_lock(&cb->dev->cb_lock);
+    uint64_t n = *count;
+    pthread_mutex_unlock(&cb->dev->cb_lock);
+    if (encoders)
+        pthread_mutex_unlock(&cb->enc_lock);
+    return n;
+}
+
 uint64_t cm_cmdbuf_op_count(cm_cmdbuf_t *cb)
 {
-    if (cb == NULL)
-        return 0;
-    pthread_mutex_lock(&cb->enc_lock);
-    pthread_mutex_lock(&cb->dev->cb_lock);
-    uint64_t n = cb->nops;
-    pthread_mutex_unlock(&cb->dev->cb_lock);
-    pthread_mutex_unlock(&cb->enc_lock);
-    return n;
+    return cb != NULL ? cb_count(cb, &cb->nops) : 0;
 }
 
 uint64_t cm_cmdbuf_hold_count(cm_cmdbuf_t *cb)
 {
-    if (cb == NULL)
-        return 0;
-    /* Encoders change nholds under enc_lock, completion under cb_lock. */
-    pthread_mutex_lock(&cb->enc_lock);
-    pthread_mutex_lock(&cb->dev->cb_lock);
-    uint64_t n = cb->nholds;
-    pthread_mutex_unlock(&cb->dev->cb_lock);
-    pthread_mutex_unlock(&cb->enc_lock);
-    return n;
+    return cb != NULL ? cb_count(cb, &cb->nholds) : 0;
 }

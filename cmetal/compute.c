@@ -5,6 +5,9 @@
  *
  * Owns the library and kernel records. Takes lib->lock around the kernel
  * cache (and calls the backend's kernel_create under it); nothing else.
+ * The fork hooks take lib->lock around fork(); on a device inherited
+ * through fork (fork.c) nothing is compiled or created, and releasing
+ * leaves the backend's objects alone unless the backend frees in a child.
  * Lock order: LOCKING.md.
  */
 #include "internal.h"
@@ -13,6 +16,22 @@
 #include <stdlib.h>
 #include <string.h>
 
+static void library_fork_lock(void *owner)
+{
+    pthread_mutex_lock(&((cm_library_t *)owner)->lock);
+}
+
+static void library_fork_unlock(void *owner)
+{
+    pthread_mutex_unlock(&((cm_library_t *)owner)->lock);
+}
+
+static const cm_fork_hooks_t library_fork_hooks = {
+    .prepare = library_fork_lock,
+    .parent = library_fork_unlock,
+    .child = library_fork_unlock,
+};
+
 int cm_library_compile(cm_device_t *dev, const char *source, cm_library_t **out)
 {
     if (dev == NULL || out == NULL)
@@ -20,8 +39,11 @@ int cm_library_compile(cm_device_t *dev, const char *source, cm_library_t **out)
     *out = NULL;
     if (source == NULL)
         return cm__fail(CM_ERR_INVALID_ARGUMENT, "shader source is NULL");
+    int rc = cm__fork_refuse(dev, "compile a library");
+    if (rc != CM_OK)
+        return rc;
     void *native = NULL;
-    int rc = dev->backend->library_compile(dev->state, source, &native);
+    rc = dev->backend->library_compile(dev->state, source, &native);
     if (rc != CM_OK)
         return rc;
     cm_library_t *lib = calloc(1, sizeof *lib);
@@ -34,6 +56,9 @@ int cm_library_compile(cm_device_t *dev, const char *source, cm_library_t **out)
     cm__device_retain(dev);
     lib->dev = dev;
     lib->native = native;
+    lib->fork.hooks = &library_fork_hooks;
+    lib->fork.owner = lib;
+    cm__fork_add(dev, &lib->fork);
     *out = lib;
     return CM_OK;
 }
@@ -51,7 +76,9 @@ void cm_library_release(cm_library_t *lib)
         k = next;
     }
     cm_device_t *dev = lib->dev;
-    dev->backend->library_release(lib->native);
+    cm__fork_remove(dev, &lib->fork);
+    if (cm__fork_may_free(dev))
+        dev->backend->library_release(lib->native);
     pthread_mutex_destroy(&lib->lock);
     free(lib);
     cm_device_release(dev);
@@ -69,6 +96,9 @@ int cm_library_kernel(cm_library_t *lib, const char *name, cm_kernel_t **out)
         return cm__fail(CM_ERR_INVALID_ARGUMENT,
                         "kernel name of %zu characters exceeds the limit of %d", len,
                         CM_NAME_MAX - 1);
+    int rc = cm__fork_refuse(lib->dev, "create a kernel");
+    if (rc != CM_OK)
+        return rc;
     pthread_mutex_lock(&lib->lock);
     for (cm_kernel_t *k = lib->kernels; k != NULL; k = k->cache_next) {
         if (strcmp(k->info.name, name) == 0) {
@@ -84,7 +114,7 @@ int cm_library_kernel(cm_library_t *lib, const char *name, cm_kernel_t **out)
         pthread_mutex_unlock(&lib->lock);
         return cm__fail(CM_ERR_OUT_OF_MEMORY, "cannot allocate a kernel record");
     }
-    int rc = dev->backend->kernel_create(dev->state, lib->native, name, &k->pipeline, &k->info);
+    rc = dev->backend->kernel_create(dev->state, lib->native, name, &k->pipeline, &k->info);
     if (rc != CM_OK) {
         pthread_mutex_unlock(&lib->lock);
         free(k);
@@ -108,7 +138,8 @@ void cm_kernel_release(cm_kernel_t *k)
     if (atomic_fetch_sub_explicit(&k->refcount, 1, memory_order_acq_rel) != 1)
         return;
     cm_device_t *dev = k->dev;
-    dev->backend->kernel_release(k->pipeline);
+    if (cm__fork_may_free(dev))
+        dev->backend->kernel_release(k->pipeline);
     free(k);
     cm_device_release(dev);
 }

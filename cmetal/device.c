@@ -4,9 +4,10 @@
  * it was given to finish.
  *
  * Owns the device record: it creates every lock of the device and destroys
- * them. Takes dev->cb_lock (cm_device_stats, cm_device_synchronize);
- * teardown takes dev->ka_lock and dev->lock through keepalive.c and
- * residency.c. Lock order: LOCKING.md.
+ * them, and registers the device with fork.c from open to teardown. Takes
+ * dev->cb_lock (cm_device_stats, cm_device_synchronize); teardown takes
+ * dev->ka_lock and dev->lock through keepalive.c and residency.c. Lock
+ * order: LOCKING.md.
  */
 #define _DEFAULT_SOURCE 1
 #define _DARWIN_C_SOURCE 1
@@ -83,6 +84,14 @@ int cm_device_open(int backend, int flags, cm_device_t **out)
         dev->info.residency_disabled_reason[0] = '\0';
     cm__residency_init(dev);
     atomic_store(&dev->memory_limit, cm__memory_default_limit(dev));
+    /* Last, once the device is whole: the fork handlers lock what they
+     * find registered. */
+    rc = cm__fork_add_device(dev);
+    if (rc != CM_OK) {
+        dev->backend->close(dev->state);
+        free_record(dev);
+        return rc;
+    }
 
     *out = dev;
     return CM_OK;
@@ -98,10 +107,11 @@ static void device_destroy(cm_device_t *dev)
     /* In a child forked from the process that opened the device, the queue
      * and keep-alive threads did not survive the fork: joining them, or
      * destroying the condition variables they waited on (glibc waits for
-     * the waiters), would hang the child's exit. Leave the record to the
-     * child's exit instead. */
-    if (getpid() != dev->pid)
+     * the waiters), would hang the child's exit. Leave the record, still
+     * registered, to the child's exit instead. */
+    if (dev->inherited)
         return;
+    cm__fork_remove_device(dev);
     cm__keepalive_stop(dev);
     cm__residency_close(dev);
     dev->backend->close(dev->state);
@@ -148,6 +158,9 @@ int cm_device_synchronize(cm_device_t *dev)
 {
     if (dev == NULL)
         return cm__fail(CM_ERR_INVALID_ARGUMENT, "cm_device_synchronize: device is NULL");
+    int rc = cm__fork_refuse(dev, "synchronize the device");
+    if (rc != CM_OK)
+        return rc;
     pthread_mutex_lock(&dev->cb_lock);
     uint64_t target = dev->submitted;
     while (dev->completed < target) {

@@ -9,7 +9,9 @@
  *
  * Locking: st->lock guards the queue; submit takes it under the core's
  * dev->submit_lock, and the worker drops it before running a command
- * buffer, so completions run with no lock held (LOCKING.md).
+ * buffer, so completions run with no lock held (LOCKING.md). The fork
+ * hooks take it around fork(), and in a child the device's memory, plain
+ * process memory, is still freed.
  */
 #define _DEFAULT_SOURCE 1
 #define _DARWIN_C_SOURCE 1
@@ -208,6 +210,28 @@ static int host_open(cm_device_t *dev, void **state, cm_device_info_t *info)
     return CM_OK;
 }
 
+/* The worker holds st->lock only to move the queue, so prepare waits at
+ * most that long. In the child the worker is gone; the core neither
+ * submits to nor closes an inherited device, so the queue is left as it
+ * was: what it held stays held until the child exits. */
+static void host_fork_prepare(void *state)
+{
+    pthread_mutex_lock(&((host_state_t *)state)->lock);
+}
+
+static void host_fork_parent(void *state)
+{
+    pthread_mutex_unlock(&((host_state_t *)state)->lock);
+}
+
+/* The child's copies of our allocations are its own: free() and munmap()
+ * give them back to it. */
+static bool host_fork_child(void *state)
+{
+    pthread_mutex_unlock(&((host_state_t *)state)->lock);
+    return true;
+}
+
 /* Past the RAM, the OS swaps or kills the process. */
 static uint64_t host_memory_ceiling(void *state)
 {
@@ -393,6 +417,9 @@ const cm_backend_t cm_host_backend = {
     .available = host_available,
     .open = host_open,
     .memory_ceiling = host_memory_ceiling,
+    .fork_prepare = host_fork_prepare,
+    .fork_parent = host_fork_parent,
+    .fork_child = host_fork_child,
     .close = host_close,
     .buffer_alloc = host_buffer_alloc,
     .buffer_free = host_buffer_free,

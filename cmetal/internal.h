@@ -13,6 +13,7 @@
  * installs), and only backend.c names a backend:
  *   error.c
  *   host.c, metal.m                      (backends)
+ *   fork.c
  *   backend.c, memory.c, residency.c
  *   keepalive.c
  *   device.c
@@ -165,12 +166,34 @@ struct cm_kernel {
     cm_kernel_t *cache_next;          /* library's cache list             */
 };
 
+/* Something whose locks a forked child may need, registered with fork.c,
+ * which runs its hooks inside fork(): a device (in the registry of open
+ * devices), or an object of a device (a pool, a library: in the device's
+ * list, whose hooks run with the device's own locks held). LOCKING.md,
+ * "fork()". */
+typedef struct cm_fork_hooks {
+    /* In the forking thread before fork(): take the owner's locks. */
+    void (*prepare)(void *owner);
+    /* In the parent after fork(): release them. */
+    void (*parent)(void *owner);
+    /* In the child after fork(): release them, and settle the owner for a
+     * device that is now inherited (a pool stops caching). */
+    void (*child)(void *owner);
+} cm_fork_hooks_t;
+
+typedef struct cm_fork_entry {
+    const cm_fork_hooks_t *hooks;
+    void *owner;
+    struct cm_fork_entry *prev, *next; /* the registry's, fork.c's lock   */
+} cm_fork_entry_t;
+
 struct cm_library {
     atomic_uint_fast64_t refcount;
     cm_device_t *dev;                 /* strong reference                 */
     void *native;                     /* backend object                   */
     pthread_mutex_t lock;             /* guards the kernel cache          */
     cm_kernel_t *kernels;             /* one reference each               */
+    cm_fork_entry_t fork;             /* in dev->fork_entries while alive */
 };
 
 /* A cache that can give memory back when an allocation would pass the
@@ -239,11 +262,39 @@ struct cm_device {
     /* What the device's caches (its pools) hold, for cm_device_stats; the
      * caches keep these counts. */
     atomic_uint_fast64_t cached_bytes, cached_storages;
+
+    /* fork.c: the device's entry in the registry of open devices and its
+     * objects that join the fork protocol, under fork.c's lock. In a
+     * forked child, inherited is set (the device was opened before the
+     * fork: its threads stayed in the parent) and inherited_frees says
+     * whether its backend can still free its memory here; both are written
+     * only by the fork handler, before the child has other threads. */
+    cm_fork_entry_t fork;
+    cm_fork_entry_t *fork_entries;
+    bool inherited, inherited_frees;
 };
 
 /* ------------------------------------------------------------------ */
 /* Entry points one core file offers the others, by defining file      */
 /* ------------------------------------------------------------------ */
+
+/* fork.c: fork() safety; the registry takes fork.c's own lock, so call
+ * these with no core lock held (a cb->enc_lock excepted). */
+/* Register an open device (installing the fork handlers the first time);
+ * fails only when the handlers cannot be installed. */
+int cm__fork_add_device(cm_device_t *dev);
+void cm__fork_remove_device(cm_device_t *dev);
+/* Register / unregister an object of dev whose locks join the protocol. */
+void cm__fork_add(cm_device_t *dev, cm_fork_entry_t *e);
+void cm__fork_remove(cm_device_t *dev, cm_fork_entry_t *e);
+/* CM_OK when dev was opened by this process; else fail with
+ * CM_ERR_DEVICE_NOT_FOUND: "cannot <what>: ... open a new device in this
+ * process". Every call that would make something new on a device or wait
+ * for its threads asks this first, before taking any lock. */
+int cm__fork_refuse(const cm_device_t *dev, const char *what);
+/* Whether the backend may be asked to free dev's memory and objects: in
+ * the process that opened dev, or in a child when dev's backend said so. */
+bool cm__fork_may_free(const cm_device_t *dev);
 
 /* memory.c: a device's memory budget. */
 /* Reserve len bytes of active memory under the limit; false if they do

@@ -81,6 +81,9 @@ int cm_residency_set_keepalive(cm_device_t *dev, double seconds, double interval
                         interval);
     if (seconds > 0 && !dev->info.residency_enabled)
         return cm__residency_off(dev);
+    int rc = cm__fork_refuse(dev, "set the residency keep-alive");
+    if (rc != CM_OK)
+        return rc;
     pthread_mutex_lock(&dev->ka_lock);
     if (seconds > 0 && !dev->ka_started) {
         int err = pthread_create(&dev->ka_thread, NULL, keepalive_main, dev);

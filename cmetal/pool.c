@@ -34,12 +34,16 @@
  *   once: each pool registers its trimmer with the device
  *   (cm__memory_trim).
  * - A released pool frees instead of caching.
+ * - In a forked child, a pool of an inherited device (fork.c) allocates
+ *   nothing and caches nothing: the storages that come back are freed, as
+ *   by a released pool. Its cache empties when it is cleared or released.
  *
  * Locking: pool->lock guards the cache and the statistics; dev->lock the
  * device's list of trimmers. The two never nest, and storages are
  * destroyed with no pool lock held (destruction takes dev->lock and can
- * drop the pool's last reference); order and rules in LOCKING.md. The hit
- * path is one lock, a hash probe and a list unlink: O(1), no allocation.
+ * drop the pool's last reference); order and rules in LOCKING.md. The
+ * fork hooks take pool->lock around fork(). The hit path is one lock, a
+ * hash probe and a list unlink: O(1), no allocation.
  */
 #include "internal.h"
 
@@ -63,6 +67,7 @@ struct cm_pool {
     atomic_uint_fast64_t refcount;    /* caller's + one per pooled storage */
     cm_device_t *dev;                 /* strong reference                 */
     cm_trimmer_t trimmer;             /* in dev->trimmers until count 0   */
+    cm_fork_entry_t fork;             /* in dev->fork_entries until then  */
 
     pthread_mutex_t lock;
     bool closed;
@@ -291,6 +296,7 @@ static void pool_drop_ref(cm_pool_t *pool)
         return;
     cm_device_t *dev = pool->dev;
     cm__memory_remove_trimmer(dev, &pool->trimmer);
+    cm__fork_remove(dev, &pool->fork);
     free(pool->slots);
     pthread_mutex_destroy(&pool->lock);
     free(pool);
@@ -371,11 +377,40 @@ static const cm_trimmer_hooks_t pool_trimmer_hooks = {
     .trim = pool_trim,
 };
 
+/* The fork hooks: the cache is whole at the fork, and in the child the
+ * pool serves nothing more (its device makes nothing new there), so it is
+ * closed: what comes back is freed, not cached. */
+static void pool_fork_prepare(void *owner)
+{
+    pthread_mutex_lock(&((cm_pool_t *)owner)->lock);
+}
+
+static void pool_fork_parent(void *owner)
+{
+    pthread_mutex_unlock(&((cm_pool_t *)owner)->lock);
+}
+
+static void pool_fork_child(void *owner)
+{
+    cm_pool_t *pool = owner;
+    pool->closed = true;
+    pthread_mutex_unlock(&pool->lock);
+}
+
+static const cm_fork_hooks_t pool_fork_hooks = {
+    .prepare = pool_fork_prepare,
+    .parent = pool_fork_parent,
+    .child = pool_fork_child,
+};
+
 int cm_pool_create(cm_device_t *dev, int64_t cache_limit, cm_pool_t **out)
 {
     if (dev == NULL || out == NULL)
         return cm__fail(CM_ERR_INVALID_ARGUMENT, "cm_pool_create: NULL argument");
     *out = NULL;
+    int rc = cm__fork_refuse(dev, "create a buffer pool");
+    if (rc != CM_OK)
+        return rc;
     cm_pool_t *pool = calloc(1, sizeof *pool);
     if (pool == NULL)
         return cm__fail(CM_ERR_OUT_OF_MEMORY, "cannot allocate a pool record");
@@ -395,6 +430,9 @@ int cm_pool_create(cm_device_t *dev, int64_t cache_limit, cm_pool_t **out)
     pool->trimmer.hooks = &pool_trimmer_hooks;
     pool->trimmer.owner = pool;
     cm__memory_add_trimmer(dev, &pool->trimmer);
+    pool->fork.hooks = &pool_fork_hooks;
+    pool->fork.owner = pool;
+    cm__fork_add(dev, &pool->fork);
     *out = pool;
     return CM_OK;
 }
@@ -477,8 +515,11 @@ int cm_pool_alloc(cm_pool_t *pool, uint64_t byte_len, int zero, cm_alloc_result_
     if (pool == NULL || out == NULL)
         return cm__fail(CM_ERR_INVALID_ARGUMENT, "cm_pool_alloc: NULL argument");
     memset(out, 0, sizeof *out);
+    int rc = cm__fork_refuse(pool->dev, "allocate from a buffer pool");
+    if (rc != CM_OK)
+        return rc;
     uint64_t cls = 0;
-    int rc = pool_class(pool->dev, byte_len, &cls);
+    rc = pool_class(pool->dev, byte_len, &cls);
     if (rc != CM_OK)
         return rc;
     return pool_alloc_class(pool, byte_len, cls, zero, out);
@@ -492,6 +533,9 @@ int cm_pool_alloc_batch(cm_pool_t *pool, const uint64_t *byte_lens, size_t n, in
     if (n == 0)
         return CM_OK;
     memset(out, 0, n * sizeof *out);
+    int refused = cm__fork_refuse(pool->dev, "allocate from a buffer pool");
+    if (refused != CM_OK)
+        return refused;
     /* Every request is checked before anything is allocated, so a bad one
      * leaves the pool exactly as it was. The classes wait in out. */
     for (size_t i = 0; i < n; i++) {

@@ -107,6 +107,12 @@ int cm__residency_add(cm_device_t *dev, cm_storage_t *s)
 
 void cm__residency_remove(cm_device_t *dev, cm_storage_t *s)
 {
+    /* In a forked child, an inherited device's set is the parent's GPU
+     * state: nothing here will ever commit it, and its backend objects are
+     * not this process's to touch (fork.c). Its books stay as the fork
+     * left them. */
+    if (dev->inherited)
+        return;
     pthread_mutex_lock(&dev->lock);
     if (s->shard >= 0) {
         cm_shard_t *sh = &dev->shards[s->shard];
@@ -192,11 +198,14 @@ int cm_residency_commit(cm_device_t *dev)
         return cm__fail(CM_ERR_INVALID_ARGUMENT, "cm_residency_commit: device is NULL");
     if (!dev->info.residency_enabled)
         return cm__residency_off(dev);
+    int rc = cm__fork_refuse(dev, "commit the residency set");
+    if (rc != CM_OK)
+        return rc;
     pthread_mutex_lock(&dev->lock);
     /* An explicit commit always counts, even before anything was staged,
      * so callers can rely on commit_count moving. */
     if (dev->nshards == 0) {
-        int rc = shard_create_locked(dev, 0);
+        rc = shard_create_locked(dev, 0);
         if (rc != CM_OK) {
             pthread_mutex_unlock(&dev->lock);
             return rc;
@@ -212,6 +221,9 @@ int cm_residency_flush(cm_device_t *dev, uint64_t *committed)
 {
     if (dev == NULL)
         return cm__fail(CM_ERR_INVALID_ARGUMENT, "cm_residency_flush: device is NULL");
+    int rc = cm__fork_refuse(dev, "flush the residency set");
+    if (rc != CM_OK)
+        return rc;
     uint64_t n = 0;
     if (dev->info.residency_enabled) {
         pthread_mutex_lock(&dev->lock);
@@ -253,6 +265,9 @@ int cm_residency_register(cm_device_t *dev, cm_storage_t *s)
                         s->dev->info.name, dev->info.name);
     if (!dev->info.residency_enabled)
         return cm__residency_off(dev);
+    int rc = cm__fork_refuse(dev, "register a storage in the residency set");
+    if (rc != CM_OK)
+        return rc;
     return cm__residency_add(dev, s);
 }
 

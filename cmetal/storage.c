@@ -9,6 +9,12 @@
  * and through memory.c and residency.c, and dev->cb_lock to wait for
  * in-flight writers. A storage is destroyed with no lock held. Lock order:
  * LOCKING.md.
+ *
+ * In a forked child, a storage of an inherited device (fork.c) keeps its
+ * memory, which the child may read and write, and its last reference
+ * releases it; the backend frees the memory only if it said it can in the
+ * child (cm__fork_may_free), else the memory is left to the child's exit.
+ * Nothing new is made on an inherited device.
  */
 #define _DEFAULT_SOURCE 1
 #define _DARWIN_C_SOURCE 1
@@ -27,6 +33,9 @@ int cm__storage_new(cm_device_t *dev, uint64_t len, int kind, cm_storage_t **out
 {
     *out = NULL;
     char b1[64], b2[64], b3[64];
+    int refused = cm__fork_refuse(dev, "allocate");
+    if (refused != CM_OK)
+        return refused;
     cm_storage_t *s = calloc(1, sizeof *s);
     if (s == NULL)
         return cm__fail(CM_ERR_OUT_OF_MEMORY,
@@ -81,17 +90,19 @@ void cm__storage_destroy(cm_storage_t *s)
     cm_device_t *dev = s->dev;
     const cm_storage_owner_t *owner_hooks = s->owner_hooks;
     void *owner = s->owner;
+    bool backend_frees = cm__fork_may_free(dev);
     cm__residency_remove(dev, s);
     switch (s->kind) {
     case CM_STORAGE_DEVICE:
     case CM_STORAGE_POOLED:
-        dev->backend->buffer_free(dev->state, s->native, s->contents, s->alloc_len);
+        if (backend_frees)
+            dev->backend->buffer_free(dev->state, s->native, s->contents, s->alloc_len);
         cm__memory_release(dev, s->byte_len);
         atomic_fetch_sub(&dev->live_storages, 1);
         atomic_fetch_add(&dev->free_count, 1);
         break;
     case CM_STORAGE_MAPPED:
-        if (s->native != NULL)
+        if (s->native != NULL && backend_frees)
             dev->backend->buffer_unwrap(dev->state, s->native);
         munmap(s->map_base, (size_t)s->map_len);
         cm__memory_release(dev, s->byte_len);
@@ -101,7 +112,7 @@ void cm__storage_destroy(cm_storage_t *s)
     default:
         /* Wrapped memory and adopted native buffers both hold one native
          * reference that buffer_unwrap gives back. */
-        if (s->native != NULL)
+        if (s->native != NULL && backend_frees)
             dev->backend->buffer_unwrap(dev->state, s->native);
         if (s->ext_release != NULL)
             s->ext_release(s->ext_ctx);
@@ -196,6 +207,10 @@ int cm_storage_wait_idle(cm_storage_t *s)
     if (atomic_load(&s->inflight_writers) == 0)
         return CM_OK;
     cm_device_t *dev = s->dev;
+    /* In a forked child the writers never finish: they were the parent's. */
+    int rc = cm__fork_refuse(dev, "wait for the command buffers writing this storage");
+    if (rc != CM_OK)
+        return rc;
     pthread_mutex_lock(&dev->cb_lock);
     while (atomic_load(&s->inflight_writers) != 0)
         pthread_cond_wait(&dev->cb_cond, &dev->cb_lock);
@@ -229,13 +244,16 @@ int cm_storage_wrap_external(cm_device_t *dev, void *ptr, uint64_t byte_len,
     if (byte_len == 0)
         return cm__fail(CM_ERR_INVALID_ARGUMENT,
                         "cannot wrap 0 bytes: byte_len must be at least 1");
+    int rc = cm__fork_refuse(dev, "wrap memory");
+    if (rc != CM_OK)
+        return rc;
     if (cm__memory_fault_fires(dev, byte_len))
         return cm__fail(CM_ERR_OUT_OF_MEMORY,
                         "cannot wrap %s of external memory: injected failure "
                         "(cm_device_debug_fail_alloc)",
                         BYTES(byte_len, b1));
     cm_native_t native = NULL;
-    int rc = dev->backend->buffer_wrap(dev->state, ptr, byte_len, &native);
+    rc = dev->backend->buffer_wrap(dev->state, ptr, byte_len, &native);
     if (rc != CM_OK)
         return rc;
     cm_storage_t *s = storage_record(dev, CM_STORAGE_EXTERNAL);
@@ -262,10 +280,13 @@ int cm_storage_wrap_native(cm_device_t *dev, uint64_t native_handle, cm_alloc_re
     memset(out, 0, sizeof *out);
     if (native_handle == 0)
         return cm__fail(CM_ERR_INVALID_ARGUMENT, "cannot wrap native handle 0");
+    int rc = cm__fork_refuse(dev, "wrap a native buffer");
+    if (rc != CM_OK)
+        return rc;
     cm_native_t native = NULL;
     uint8_t *contents = NULL;
     uint64_t len = 0;
-    int rc = dev->backend->buffer_adopt(dev->state, native_handle, &native, &contents, &len);
+    rc = dev->backend->buffer_adopt(dev->state, native_handle, &native, &contents, &len);
     if (rc != CM_OK)
         return rc;
     if (cm__memory_fault_fires(dev, len)) {
@@ -297,6 +318,9 @@ int cm_storage_map_file(cm_device_t *dev, int fd, uint64_t offset, uint64_t leng
     if (dev == NULL || out == NULL)
         return cm__fail(CM_ERR_INVALID_ARGUMENT, "cm_storage_map_file: NULL argument");
     memset(out, 0, sizeof *out);
+    int rc = cm__fork_refuse(dev, "map a file");
+    if (rc != CM_OK)
+        return rc;
     struct stat st;
     if (fd < 0 || fstat(fd, &st) != 0)
         return cm__fail(CM_ERR_IO, "cannot map file descriptor %d: %s", fd,
@@ -344,7 +368,7 @@ int cm_storage_map_file(cm_device_t *dev, int fd, uint64_t offset, uint64_t leng
                         BYTES(length, b1), fd, (unsigned long long)offset,
                         writable ? " for writing" : "", strerror(errno));
     cm_native_t native = NULL;
-    int rc = dev->backend->buffer_wrap(dev->state, base, map_len, &native);
+    rc = dev->backend->buffer_wrap(dev->state, base, map_len, &native);
     if (rc != CM_OK) {
         munmap(base, (size_t)map_len);
         return rc;

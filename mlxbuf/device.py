@@ -122,12 +122,10 @@ _open_devices: weakref.WeakSet[Device] = weakref.WeakSet()
 
 @atexit.register
 def _synchronize_open_devices() -> None:
-    pid = os.getpid()
     for dev in list(_open_devices):
-        # A device inherited through fork has no worker thread here: waiting
-        # on it would wait for completions that never come.
-        if dev._pid == pid:
-            lib.cm_device_synchronize(dev._handle)
+        # A device inherited through fork refuses at once (its queue stayed
+        # in the parent): nothing to wait for, nothing to report at exit.
+        lib.cm_device_synchronize(dev._handle)
 
 
 class Device:
@@ -145,12 +143,11 @@ class Device:
     use from any thread.
     """
 
-    __slots__ = ("_handle", "_info", "_pid", "__weakref__")
+    __slots__ = ("_handle", "_info", "__weakref__")
 
     # The slots' types (annotations only, no class attributes).
     _handle: Any
     _info: Any
-    _pid: int
 
     def __init__(self, backend: str = "auto", *, residency: bool | None = None) -> None:
         wanted = _requested_backend(backend)
@@ -179,7 +176,6 @@ class Device:
         info = ffi.new("cm_device_info_t *")
         check(lib.cm_device_info(handle, info))
         self._info = info
-        self._pid = os.getpid()
         _open_devices.add(self)
 
     def _apply_env(self) -> None:

@@ -39,7 +39,15 @@ class MlxError(Exception):
 
 
 class DeviceNotFound(MlxError):
-    """The requested backend has no device in this process (e.g. Metal on Linux)."""
+    """The requested backend has no device in this process (e.g. Metal on Linux),
+    or the device was opened in the process this one was forked from.
+
+    After ``os.fork()`` a device opened before the fork keeps its buffers'
+    memory readable and writable in the child, and dropping them works, but
+    its command queue and threads stayed in the parent: allocating on it,
+    encoding, committing, waiting, synchronizing, residency commits,
+    keep-alive and compute raise this error. Open a new Device in the child.
+    """
 
 
 class BufferAllocationError(MlxError, MemoryError):

@@ -2,7 +2,11 @@
 
 import gc
 import os
+import subprocess
+import sys
 import threading
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def assert_names(excinfo, *fragments):
@@ -34,3 +38,19 @@ def run_threads(target, args_list, timeout=60.0):
         t.join(timeout)
     stuck = [t.name for t in threads if t.is_alive()]
     assert not stuck, f"threads still running after {timeout} s (deadlock?): {stuck}"
+
+
+def run_clean(script, timeout=120, **env):
+    """Run script in a fresh interpreter (``-X dev``: the debug allocator
+    and every warning on) with extra environment; assert status 0, an empty
+    stderr and "ok" as the last line of stdout; return stdout. A run longer
+    than `timeout` seconds fails the test (subprocess.TimeoutExpired)
+    instead of hanging it."""
+    full_env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
+    proc = subprocess.run(
+        [sys.executable, "-X", "dev", "-c", script], capture_output=True, text=True, env=full_env, timeout=timeout
+    )
+    assert proc.returncode == 0, f"exit status {proc.returncode}\nstderr:\n{proc.stderr}"
+    assert proc.stderr == "", proc.stderr
+    assert proc.stdout.splitlines()[-1:] == ["ok"], proc.stdout
+    return proc.stdout

@@ -11,6 +11,7 @@
 #include "cmetal.h"
 
 #include <inttypes.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -42,6 +43,15 @@ static int checks;
         }                                                                                \
     } while (0)
 #define CHECK_MSG(sub) CHECK(strstr(cm_last_error(), (sub)) != NULL)
+
+/* Whether the n bytes at p all equal value. */
+static inline bool all_bytes(const uint8_t *p, uint64_t n, uint8_t value)
+{
+    for (uint64_t i = 0; i < n; i++)
+        if (p[i] != value)
+            return false;
+    return true;
+}
 
 static inline cm_device_t *open_host(int flags)
 {

@@ -56,14 +56,6 @@ static cm_storage_info_t sinfo(cm_storage_t *s)
     return i;
 }
 
-static bool all_bytes(const uint8_t *p, uint64_t n, uint8_t v)
-{
-    for (uint64_t i = 0; i < n; i++)
-        if (p[i] != v)
-            return false;
-    return true;
-}
-
 /* ------------------------------------------------------------------ */
 
 static void test_device_info(void)
