@@ -12,12 +12,13 @@
  *                64 classes per power of two; waste < 1.6 %, and every
  *                class is a whole number of pages.
  *
- * For comparison, the seed's power-of-two buckets waste up to 100 % (its
- * own example: 17.26 GB of weights became 25.55 GB). If a class would pass
- * the device's max_buffer_length while n does not, the class is n rounded
- * up to the page, capped at max_buffer_length, so every request the device
- * could serve unpooled is served pooled too. All arithmetic is checked: a
- * request whose rounding would pass 2^64 is refused, never wrapped.
+ * For comparison, the Rust mlx-native crate's power-of-two buckets waste up
+ * to 100 % (its own example: 17.26 GB of weights became 25.55 GB). If a
+ * class would pass the device's max_buffer_length while n does not, the
+ * class is n rounded up to the page, capped at max_buffer_length, so every
+ * request the device could serve unpooled is served pooled too. All
+ * arithmetic is checked: a request whose rounding would pass 2^64 is
+ * refused, never wrapped.
  *
  * Policy:
  * - A storage returns to its pool only when its last reference dies, so a
@@ -135,8 +136,8 @@ static int pool_class(cm_device_t *dev, uint64_t n, uint64_t *out)
     if (n == 0)
         return cm__fail(CM_ERR_INVALID_ARGUMENT,
                         "cannot allocate 0 bytes: byte_len must be at least 1");
-    if (n > max)
-        return cm__fail(CM_ERR_INVALID_ARGUMENT,
+    if (n > max) /* out of memory, as in cm_storage_alloc */
+        return cm__fail(CM_ERR_OUT_OF_MEMORY,
                         "cannot allocate %s: device maximum buffer length is %s",
                         BYTES(n, b1), BYTES(max, b2));
     int rc = cm_size_class(n, dev->info.page_size, out);

@@ -140,8 +140,10 @@ int cm_storage_alloc(cm_device_t *dev, uint64_t byte_len, cm_alloc_result_t *out
     if (byte_len == 0)
         return cm__fail(CM_ERR_INVALID_ARGUMENT,
                         "cannot allocate 0 bytes: byte_len must be at least 1");
+    /* Out of memory, not a bad argument: the request is well formed but
+     * the device cannot satisfy it (numpy raises MemoryError alike). */
     if (byte_len > dev->info.max_buffer_length)
-        return cm__fail(CM_ERR_INVALID_ARGUMENT,
+        return cm__fail(CM_ERR_OUT_OF_MEMORY,
                         "cannot allocate %s: device maximum buffer length is %s",
                         BYTES(byte_len, b1), BYTES(dev->info.max_buffer_length, b2));
     cm_storage_t *s;
@@ -350,7 +352,7 @@ int cm_storage_map_file(cm_device_t *dev, int fd, uint64_t offset, uint64_t leng
     /* length <= size < 2^63 (off_t), so delta + length + page cannot wrap. */
     uint64_t map_len = (delta + length + page - 1) / page * page;
     if (map_len > dev->info.max_buffer_length)
-        return cm__fail(CM_ERR_INVALID_ARGUMENT,
+        return cm__fail(CM_ERR_OUT_OF_MEMORY,
                         "cannot map %s: device maximum buffer length is %s",
                         BYTES(length, b1), BYTES(dev->info.max_buffer_length, b2));
     if ((uint64_t)(size_t)map_len != map_len)

@@ -246,10 +246,14 @@ def test_bad_allocations(device, args, cls, fragments):
     assert device.alloc_buffer(16, "u8", (16,)).numpy().sum() == 0
 
 
-def test_above_max_buffer_length(device):
+def test_above_max_buffer_length_is_a_memory_error(device):
+    # numpy, CuPy and PyTorch raise MemoryError for an allocation the
+    # device cannot satisfy; the message still names the size and the limit.
     too_big = device.max_buffer_length + 1
-    with pytest.raises(mlxbuf.InvalidArgument) as exc:
+    with pytest.raises(mlxbuf.BufferAllocationError) as exc:
         device.alloc_buffer(too_big, "u8", (1,))
+    assert isinstance(exc.value, MemoryError) and not isinstance(exc.value, ValueError)
+    assert exc.value.bytes == too_big
     assert_names(exc, too_big, device.max_buffer_length)
     assert device.active_memory == 0
 

@@ -128,9 +128,9 @@ static void test_alloc_zero_align(void)
     CHECK(cm_storage_alloc(dev, 0, &bad) == CM_ERR_INVALID_ARGUMENT);
     CHECK_MSG("0 bytes");
     CHECK(bad.storage == NULL);
-    CHECK(cm_storage_alloc(dev, info.max_buffer_length + 1, &bad) == CM_ERR_INVALID_ARGUMENT);
+    CHECK(cm_storage_alloc(dev, info.max_buffer_length + 1, &bad) == CM_ERR_OUT_OF_MEMORY);
     CHECK_MSG("maximum buffer length");
-    CHECK(cm_storage_alloc(dev, UINT64_MAX, &bad) == CM_ERR_INVALID_ARGUMENT);
+    CHECK(cm_storage_alloc(dev, UINT64_MAX, &bad) == CM_ERR_OUT_OF_MEMORY);
     CHECK_MSG("18446744073709551615 bytes");
     CHECK_EQ_U(stats(dev).live_storages, 0);
     cm_storage_release(NULL);
@@ -630,12 +630,12 @@ static void test_pool_basics(void)
     /* Bad requests leave the counts unchanged. */
     cm_pool_stats_t before = pstats(pool);
     CHECK(cm_pool_alloc(pool, 0, 0, &b) == CM_ERR_INVALID_ARGUMENT);
-    CHECK(cm_pool_alloc(pool, UINT64_MAX, 0, &b) == CM_ERR_INVALID_ARGUMENT);
+    CHECK(cm_pool_alloc(pool, UINT64_MAX, 0, &b) == CM_ERR_OUT_OF_MEMORY);
     CHECK_MSG("18446744073709551615 bytes");
-    CHECK(cm_pool_alloc(pool, info.max_buffer_length + 1, 0, &b) == CM_ERR_INVALID_ARGUMENT);
+    CHECK(cm_pool_alloc(pool, info.max_buffer_length + 1, 0, &b) == CM_ERR_OUT_OF_MEMORY);
     uint64_t lens[3] = {4096, UINT64_MAX - 1, 100};
     cm_alloc_result_t br[3];
-    CHECK(cm_pool_alloc_batch(pool, lens, 3, 0, br) == CM_ERR_INVALID_ARGUMENT);
+    CHECK(cm_pool_alloc_batch(pool, lens, 3, 0, br) == CM_ERR_OUT_OF_MEMORY);
     CHECK_MSG("batch request 1 of 3");
     CHECK(br[0].storage == NULL);
     cm_pool_stats_t after = pstats(pool);
@@ -647,7 +647,7 @@ static void test_pool_basics(void)
     CHECK_EQ_U(cls, info.max_buffer_length);
     CHECK_OK(cm_pool_size_class(pool, info.max_buffer_length - info.page_size * 3 - 1, &cls));
     CHECK(cls <= info.max_buffer_length && cls % info.page_size == 0);
-    CHECK(cm_pool_size_class(pool, UINT64_MAX, &cls) == CM_ERR_INVALID_ARGUMENT);
+    CHECK(cm_pool_size_class(pool, UINT64_MAX, &cls) == CM_ERR_OUT_OF_MEMORY);
 
     /* Batch. */
     uint64_t ok_lens[4] = {100, 4096, 70000, 1 << 20};
