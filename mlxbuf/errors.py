@@ -11,6 +11,7 @@ __all__ = [
     "DeviceNotFound",
     "BufferAllocationError",
     "InvalidArgument",
+    "IndexOutOfBounds",
     "UnsupportedDtype",
     "ResidencySetError",
     "CommandBufferError",
@@ -64,6 +65,11 @@ class BufferAllocationError(MlxError, MemoryError):
 
 class InvalidArgument(MlxError, ValueError):
     """A value outside its limit: the message names the value and the limit."""
+
+
+class IndexOutOfBounds(MlxError, IndexError):
+    """An index past either end of an axis (``buf[i]``); the message names the
+    index and the axis size, as numpy's IndexError does."""
 
 
 class UnsupportedDtype(MlxError, TypeError):
