@@ -22,3 +22,33 @@ def test_python_dash_m_mlxbuf():
     for name in ("numpy.empty", "BufferPool.alloc", "Device.alloc_buffer"):
         assert name in out
     assert r.stderr == ""
+
+
+def test_churn_table_has_every_row_against_numpy_empty():
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run(
+        [sys.executable, "-m", "mlxbuf", "--backend", "host", "--number", "640"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    table = r.stdout[r.stdout.index("-- alloc/free churn"):].splitlines()[1:]
+    rows = {line[:24].strip(): line[24:] for line in table if line.strip()}
+    assert list(rows) == ["numpy.empty", "numpy.zeros", "BufferPool.alloc", "BufferPool.allocator()",
+                          "alloc_batch of 64", "Device.alloc_buffer"]
+    assert rows["numpy.empty"].endswith("1.00x numpy.empty")
+    assert "ns/buffer" in rows["alloc_batch of 64"]
+
+
+def test_a_reader_that_stops_early_ends_the_run_quietly():
+    # `python -m mlxbuf | head -3`: the pipe closes after three lines.
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlxbuf", "--backend", "host", "--number", "200000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )
+    lines = [proc.stdout.readline() for _ in range(3)]
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert lines[0].startswith(b"mlxbuf ")
+    assert err == b"", err.decode()
+    assert proc.returncode == 1
