@@ -333,11 +333,8 @@ class Device:
         # The hot path of unpooled allocation, as in BufferPool.alloc: a
         # repeated request reuses its validated plan (buffer._plan_for says
         # when a plan counts as a hit).
-        last = self._last
-        if byte_len is last[0] and dtype is last[1] and shape is last[2]:
-            handle = last[3]
-            layout = last[4]
-        else:
+        last_len, last_dtype, last_shape, handle, layout = self._last
+        if byte_len is not last_len or dtype is not last_dtype or shape is not last_shape:
             handle, layout, byte_len = _recall(self, byte_len, dtype, shape)
         try:
             res = _tls.res

@@ -155,11 +155,8 @@ class BufferPool:
         # fair fraction of numpy.empty, so a repeated request reuses its
         # validated plan (buffer._plan_for says when a plan counts as a hit)
         # and the Buffer is built inline.
-        last = self._last
-        if byte_len is last[0] and dtype is last[1] and shape is last[2]:
-            handle = last[3]
-            layout = last[4]
-        else:
+        last_len, last_dtype, last_shape, handle, layout = self._last
+        if byte_len is not last_len or dtype is not last_dtype or shape is not last_shape:
             # buffer._recall, inlined: a call here costs a tenth of the
             # allocation for a loop over several scratch shapes.
             try:
