@@ -7,13 +7,20 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_python_dash_m_mlxbuf():
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+ENV = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def run_demo(number):
     r = subprocess.run(
-        [sys.executable, "-m", "mlxbuf", "--backend", "host", "--number", "2000"],
-        capture_output=True, text=True, env=env, timeout=120,
+        [sys.executable, "-m", "mlxbuf", "--backend", "host", "--number", str(number)],
+        capture_output=True, text=True, env=ENV, timeout=120,
     )
     assert r.returncode == 0, r.stderr
+    return r
+
+
+def test_python_dash_m_mlxbuf():
+    r = run_demo(2000)
     out = r.stdout
     assert "backend                 host" in out
     assert "same address" in out and "DIFFERENT" not in out
@@ -25,12 +32,7 @@ def test_python_dash_m_mlxbuf():
 
 
 def test_churn_table_has_every_row_against_numpy_empty():
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run(
-        [sys.executable, "-m", "mlxbuf", "--backend", "host", "--number", "640"],
-        capture_output=True, text=True, env=env, timeout=120,
-    )
-    assert r.returncode == 0, r.stderr
+    r = run_demo(640)
     table = r.stdout[r.stdout.index("-- alloc/free churn"):].splitlines()[1:]
     rows = {line[:24].strip(): line[24:] for line in table if line.strip()}
     assert list(rows) == ["numpy.empty", "numpy.zeros", "BufferPool.alloc", "BufferPool.allocator()",
@@ -41,10 +43,9 @@ def test_churn_table_has_every_row_against_numpy_empty():
 
 def test_a_reader_that_stops_early_ends_the_run_quietly():
     # `python -m mlxbuf | head -3`: the pipe closes after three lines.
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlxbuf", "--backend", "host", "--number", "200000"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
     )
     lines = [proc.stdout.readline() for _ in range(3)]
     proc.stdout.close()
