@@ -164,8 +164,9 @@ def _prepare(byte_len: Any, dtype: Any, shape: Any) -> tuple[int, DType, tuple[i
 #
 # In front of the dict, each keeps its last request: when byte_len, dtype
 # and shape are the very objects of the last request (a loop allocating
-# one scratch shape), that request's plan is reused without hashing; the
-# shape must be a tuple for this (a list could have changed since).
+# one scratch shape), that request's plan is reused without hashing. Only
+# shapes made of ints are kept so (a list, or a tuple of objects with
+# __index__, could have changed since).
 
 PLAN_CACHE_LIMIT = 256  # plans per device or pool; the oldest goes first
 # The last request of a device or pool: (byte_len, dtype, shape, handle, layout).
@@ -223,11 +224,13 @@ def _recall(owner: _PlanOwner, byte_len: Any, dtype: Any, shape: Any) -> tuple[A
         plan = owner._plans[byte_len, dtype, shape]
     except (KeyError, TypeError):
         plan, byte_len = owner._plan(byte_len, dtype, shape)
+        exact = plan[0] is shape
     else:
-        if type(byte_len) is not int or (plan[0] is not shape and not _exact_shape(shape)):
+        exact = plan[0] is shape or _exact_shape(shape)
+        if type(byte_len) is not int or not exact:
             plan, byte_len = owner._plan(byte_len, dtype, shape)
     _, handle, layout = plan
-    if type(shape) is tuple:  # immutable: safe to recognise by identity
+    if exact:  # ints only, immutable: safe to recognise by identity next time
         owner._last = (byte_len, dtype, shape, handle, layout)
     return handle, layout, byte_len
 

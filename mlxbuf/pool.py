@@ -163,11 +163,13 @@ class BufferPool:
                 plan = self._plans[byte_len, dtype, shape]
             except (KeyError, TypeError):
                 plan, byte_len = self._plan(byte_len, dtype, shape)
+                exact = plan[0] is shape
             else:
-                if type(byte_len) is not int or (plan[0] is not shape and not _exact_shape(shape)):
+                exact = plan[0] is shape or _exact_shape(shape)
+                if type(byte_len) is not int or not exact:
                     plan, byte_len = self._plan(byte_len, dtype, shape)
             _, handle, layout = plan
-            if type(shape) is tuple:
+            if exact:
                 self._last = (byte_len, dtype, shape, handle, layout)
         try:
             res = _tls.res

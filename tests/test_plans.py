@@ -119,3 +119,35 @@ def test_batch_validates_each_distinct_request_and_keeps_order(pool):
         pool.alloc_batch([a, a, c])
     after = pool.stats()
     assert (after.in_use_count, after.misses, after.hits) == (before.in_use_count, before.misses, before.hits)
+
+
+class Dim:
+    """A dimension whose value can change after it was validated."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __index__(self):
+        return self.n
+
+
+def test_a_shape_of_objects_is_read_again_each_time(alloc):
+    dim = Dim(4)
+    shape = (dim, 2)
+    assert alloc(64, "f32", shape).shape == (4, 2)
+    assert alloc(64, "f32", shape).shape == (4, 2)
+    dim.n = 2
+    assert alloc(64, "f32", shape).shape == (2, 2)
+    dim.n = 100
+    with pytest.raises(mlxbuf.InvalidArgument, match="800"):
+        alloc(64, "f32", shape)
+
+
+def test_a_reused_shape_object_becomes_the_remembered_request(pool):
+    pool.alloc(4096, "f32", (1024,))
+    loop_shape = tuple([1024])  # equal, not the object the plan was made from
+    pool.alloc(4096, "f32", loop_shape)
+    assert pool._last[2] is loop_shape
+    listed = [1024]
+    pool.alloc(4096, "f32", listed)
+    assert pool._last[2] is loop_shape  # a list is never remembered
