@@ -11,7 +11,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, SupportsIndex
 
 from mlxbuf._cmetal import ffi, lib
-from mlxbuf.buffer import _NO_REQUEST, Buffer, _exact_shape, _int_arg, _plan_for, _recall, _result, _tls
+from mlxbuf.buffer import _NO_REQUEST, Buffer, _int_arg, _plan_for, _recall, _result, _tls
 from mlxbuf.errors import DeviceNotFound, InvalidArgument, check, error_for
 
 if TYPE_CHECKING:
