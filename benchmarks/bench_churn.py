@@ -16,12 +16,14 @@ as much as numpy.empty itself) and squash every ratio towards 1. The
 Groups (one per size, so a size reads at a glance):
 
 - ``churn-4KiB``, ``churn-1MiB``: the pool is warmed so every op is a cache
-  hit (checked), through ``BufferPool.alloc`` and through a prepared
-  ``BufferPool.allocator()``; ``Device.alloc_buffer`` is unpooled and zero-filled, and
-  stages a residency add and remove per op (never committed here, as
-  between two submissions). Peers: ``numpy.empty``, ``numpy.zeros``,
-  ``torch.empty`` (CPU) and mlx (``mx.eval(mx.zeros(...))`` on its default
-  device), each skipped with a reason when not importable.
+  hit (checked), through ``BufferPool.alloc``, through a prepared
+  ``BufferPool.allocator()`` and through ``BufferPool.alloc_batch`` of
+  BATCH (64) requests (figures per buffer); ``Device.alloc_buffer`` is
+  unpooled and zero-filled, and stages a residency add and remove per op
+  (never committed here, as between two submissions). Peers:
+  ``numpy.empty``, ``numpy.zeros``, ``torch.empty`` (CPU) and mlx
+  (``mx.eval(mx.zeros(...))`` on its default device), each skipped with a
+  reason when not importable.
 - ``pool-hit-live``: the 4 KiB pool hit with 100, 10k and 100k buffers of
   the same class alive in the pool (and in the residency set).
 - ``pool-hit-breakdown`` (4 KiB), where the hit's time goes: the two C
@@ -42,6 +44,8 @@ LIVE_COUNTS = counts_from_env("MLXBUF_BENCH_LIVE", "100,10k,100k", binary=False)
 SCALING_BYTES = 4096
 OPS_PER_CALL = 100
 OPS = range(OPS_PER_CALL)
+BATCH = 64  # buffers per alloc_batch call
+BATCH_CALLS = range(4)  # alloc_batch calls per timed call
 
 # Rounds of at least 200 us, so the timer's own cost stays out of the
 # figures, after a warm-up (a marker overrides --benchmark-min-time).
@@ -54,13 +58,13 @@ def _f32_shape(nbytes):
     return (nbytes // 4,)
 
 
-def _label(benchmark, group, impl, nbytes, **info):
+def _label(benchmark, group, impl, nbytes, ops_per_call=OPS_PER_CALL, **info):
     benchmark.group = group
-    benchmark.extra_info.update(impl=impl, nbytes=nbytes, ops_per_call=OPS_PER_CALL, **info)
+    benchmark.extra_info.update(impl=impl, nbytes=nbytes, ops_per_call=ops_per_call, **info)
 
 
-def _churn(benchmark, nbytes, impl):
-    _label(benchmark, f"churn-{size_label(nbytes)}", impl, nbytes)
+def _churn(benchmark, nbytes, impl, ops_per_call=OPS_PER_CALL):
+    _label(benchmark, f"churn-{size_label(nbytes)}", impl, nbytes, ops_per_call)
 
 
 def _pool_loop(pool, nbytes):
@@ -98,6 +102,22 @@ def test_pool_allocator_hit(benchmark, pool, nbytes):
 
     benchmark(run)
     assert pool.stats().misses == misses, "a timed allocator call missed the cache"
+
+
+@sizes
+def test_pool_alloc_batch(benchmark, pool, nbytes):
+    _churn(benchmark, nbytes, f"BufferPool.alloc_batch of {BATCH} (per buffer)", BATCH * len(BATCH_CALLS))
+    requests = [(nbytes, "f32", _f32_shape(nbytes))] * BATCH
+    alloc_batch = pool.alloc_batch
+    alloc_batch(requests)  # BATCH storages of the class cached
+    misses = pool.stats().misses
+
+    def run():
+        for _ in BATCH_CALLS:
+            alloc_batch(requests)
+
+    benchmark(run)
+    assert pool.stats().misses == misses, "a timed alloc_batch missed the cache"
 
 
 @sizes
@@ -178,7 +198,7 @@ def test_mlx_zeros_eval(benchmark, nbytes):
 @pytest.mark.parametrize("live", LIVE_COUNTS, ids=lambda n: f"{n}-live")
 def test_pool_hit_with_live_buffers(benchmark, pool, live):
     # The fewest live buffers is the yardstick: ratios.py checks the
-    # issue's target (100k live <= 1.25x 100 live) from these rows.
+    # target (100k live <= 1.25x 100 live) from these rows.
     _label(benchmark, "pool-hit-live", f"BufferPool.alloc, {live:,} live", SCALING_BYTES,
            live=live, yardstick=live == min(LIVE_COUNTS))
     shape = _f32_shape(SCALING_BYTES)

@@ -1,4 +1,4 @@
-"""Print the benchmarks as ns/op with ratios, and the churn targets of issue 4.
+"""Print the benchmarks as ns/op with ratios, and the churn targets.
 
     python benchmarks/ratios.py                       # runs bench_churn.py, then prints
     python benchmarks/ratios.py --save churn.json -- --benchmark-min-rounds=50   # keep the JSON; extra pytest args
@@ -11,9 +11,11 @@ second opinion). Ratios compare medians from the same run: within a group, each 
 ``yardstick`` in extra_info elsewhere). Rows that time several ops per call
 (``ops_per_call`` in extra_info) are reported per op.
 
-Targets (issue 4), as ratios of medians in one run:
+Targets, as ratios of medians in one run:
 
 - pool churn, 4 KiB: BufferPool.alloc <= 3x numpy.empty (aim: 2x);
+- BufferPool.alloc of a repeated request <= 1.1x a prepared BufferPool.allocator();
+- BufferPool.alloc_batch of 64 x 4 KiB, per buffer, <= 2.5x numpy.empty;
 - device alloc, 4 KiB: Device.alloc_buffer <= 6x numpy.zeros;
 - pool hit with 100k live buffers <= 1.25x the hit with 100 live.
 
@@ -111,10 +113,15 @@ def _find(rows, group, impl=None, **info):
 
 
 def check_targets(rows):
-    """Print the issue's targets with pass/miss; return ``"pass"``, ``"miss"`` or ``"incomplete"``."""
+    """Print the targets with pass/miss; return ``"pass"``, ``"miss"`` or ``"incomplete"``."""
+    batch = next((r for r in rows if r.group == CHURN_4K and r.impl.startswith("BufferPool.alloc_batch")), None)
     checks = [
         ("pool churn 4 KiB: BufferPool.alloc / numpy.empty", 3.0, 2.0,
          _find(rows, CHURN_4K, "BufferPool.alloc"), _find(rows, CHURN_4K, "numpy.empty")),
+        ("4 KiB: BufferPool.alloc / BufferPool.allocator()", 1.1, None,
+         _find(rows, CHURN_4K, "BufferPool.alloc"), _find(rows, CHURN_4K, "BufferPool.allocator()")),
+        ("4 KiB: alloc_batch per buffer / numpy.empty", 2.5, None,
+         batch, _find(rows, CHURN_4K, "numpy.empty")),
         ("device alloc 4 KiB: Device.alloc_buffer / numpy.zeros", 6.0, None,
          _find(rows, CHURN_4K, "Device.alloc_buffer"), _find(rows, CHURN_4K, "numpy.zeros")),
         ("pool hit, 100k live / 100 live", 1.25, None,
@@ -122,7 +129,7 @@ def check_targets(rows):
     ]
     if all(num is None and den is None for *_, num, den in checks):
         return "incomplete"  # not a churn run (e.g. bench_residency.py alone): nothing to check
-    print("\ntargets (issue 4, ratios of medians in this run)")
+    print("\ntargets (ratios of medians in this run)")
     outcome = "pass"
     for label, limit, aim, num, den in checks:
         if num is None or den is None:

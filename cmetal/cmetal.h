@@ -233,7 +233,9 @@ int cm_device_debug_fail_alloc(cm_device_t *dev, uint64_t fail_nth, uint64_t min
 
 /* Allocate byte_len (> 0, <= max_buffer_length) zero-filled, page-aligned
  * bytes and stage their residency add. out->storage carries one reference
- * owned by the caller. */
+ * owned by the caller. 0 bytes: CM_ERR_INVALID_ARGUMENT; more than
+ * max_buffer_length: CM_ERR_OUT_OF_MEMORY, like any request the device
+ * cannot satisfy. */
 int cm_storage_alloc(cm_device_t *dev, uint64_t byte_len, cm_alloc_result_t *out);
 
 void cm_storage_retain(cm_storage_t *s);

@@ -4,7 +4,7 @@
  * Each thread keeps its own status and message, so a failure on one thread
  * never overwrites the message another thread is about to read (cffi
  * releases the GIL around every call, so Python threads really do run C
- * concurrently).
+ * concurrently). No locks (LOCKING.md).
  */
 #include "internal.h"
 

@@ -6,6 +6,12 @@
  *
  * Portable POSIX: runs on Linux and macOS alike, so a Mac can test both
  * backends side by side.
+ *
+ * Locking: st->lock guards the queue; submit takes it under the core's
+ * dev->submit_lock, and the worker drops it before running a command
+ * buffer, so completions run with no lock held (LOCKING.md). The fork
+ * hooks take it around fork(), and in a child the device's memory, plain
+ * process memory, is still freed.
  */
 #define _DEFAULT_SOURCE 1
 #define _DARWIN_C_SOURCE 1
@@ -28,8 +34,6 @@
 #define MAP_ANONYMOUS MAP_ANON
 #endif
 
-#define BYTES(n, buf) cm__fmt_bytes((n), (buf), sizeof(buf))
-
 /* Below this, aligned malloc + memset is cheaper than a system call and
  * keeps small storages packed; above it, anonymous mappings arrive zeroed
  * by the kernel (no memset over memory we may never touch) and go straight
@@ -44,6 +48,7 @@ typedef struct host_state {
     bool detached;          /* close() ran on the worker: it frees us     */
     cm_cmdbuf_t *head, *tail; /* FIFO linked through cb->backend_data     */
     uint64_t page;
+    uint64_t ram;           /* the machine's, or our assumption of it     */
 } host_state_t;
 
 /* Host memory is always resident; the set only remembers what was asked
@@ -53,7 +58,8 @@ typedef struct host_rset {
     uint64_t members, commits, requests;
 } host_rset_t;
 
-uint64_t cm__physical_memory(void)
+/* 0 if unknown. */
+static uint64_t physical_memory(void)
 {
 #if defined(__APPLE__)
     uint64_t mem = 0;
@@ -173,9 +179,10 @@ static int host_open(cm_device_t *dev, void **state, cm_device_info_t *info)
     long psize = sysconf(_SC_PAGESIZE);
     st->page = psize > 0 ? (uint64_t)psize : 4096;
 
-    uint64_t phys = cm__physical_memory();
+    uint64_t phys = physical_memory();
     if (phys == 0)
         phys = (uint64_t)4 << 30; /* unknown: assume a small machine */
+    st->ram = phys;
     struct utsname un;
     const char *arch = uname(&un) == 0 ? un.machine : "unknown";
     long cores = sysconf(_SC_NPROCESSORS_ONLN);
@@ -201,6 +208,34 @@ static int host_open(cm_device_t *dev, void **state, cm_device_info_t *info)
     }
     *state = st;
     return CM_OK;
+}
+
+/* The worker holds st->lock only to move the queue, so prepare waits at
+ * most that long. In the child the worker is gone; the core neither
+ * submits to nor closes an inherited device, so the queue is left as it
+ * was: what it held stays held until the child exits. */
+static void host_fork_prepare(void *state)
+{
+    pthread_mutex_lock(&((host_state_t *)state)->lock);
+}
+
+static void host_fork_parent(void *state)
+{
+    pthread_mutex_unlock(&((host_state_t *)state)->lock);
+}
+
+/* The child's copies of our allocations are its own: free() and munmap()
+ * give them back to it. */
+static bool host_fork_child(void *state)
+{
+    pthread_mutex_unlock(&((host_state_t *)state)->lock);
+    return true;
+}
+
+/* Past the RAM, the OS swaps or kills the process. */
+static uint64_t host_memory_ceiling(void *state)
+{
+    return ((const host_state_t *)state)->ram;
 }
 
 static void host_close(void *state)
@@ -381,6 +416,10 @@ const cm_backend_t cm_host_backend = {
     .kind = CM_BACKEND_HOST,
     .available = host_available,
     .open = host_open,
+    .memory_ceiling = host_memory_ceiling,
+    .fork_prepare = host_fork_prepare,
+    .fork_parent = host_fork_parent,
+    .fork_child = host_fork_child,
     .close = host_close,
     .buffer_alloc = host_buffer_alloc,
     .buffer_free = host_buffer_free,

@@ -1,17 +1,35 @@
 /*
- * internal.h -- what the backend-neutral core (core.c, pool.c, error.c)
- * and the backends (host.c, metal.m) share. Not part of the ABI; never fed
- * to cffi.
+ * internal.h -- what the files of the backend-neutral core and the
+ * backends share: the layout of the core's objects and the entry points
+ * one core file offers another, grouped by the file that defines them.
+ * Not part of the ABI; never fed to cffi.
  *
  * The core owns every policy: reference counts, residency staging and
  * sharding, the pool, in-flight holds, statistics, locking, fault
- * injection. A backend is the table of primitives in cm_backend_t and
- * nothing more, so the behaviour tests observe on the host backend is the
- * code that runs on Metal.
+ * injection. A backend is the table of primitives in backend.h.
+ *
+ * Layers, lowest first. A file calls only into files of lower layers
+ * (a layer below reaches one above only through hooks the upper one
+ * installs), and only backend.c names a backend:
+ *   error.c
+ *   host.c, metal.m                      (backends)
+ *   fork.c
+ *   backend.c, memory.c, residency.c
+ *   keepalive.c
+ *   device.c
+ *   storage.c, compute.c
+ *   cmdbuf.c, pool.c
+ *   interop.c
+ *   pycapsule.c
+ * tests/test_c_layers.py checks this against the symbols each file's
+ * object defines and needs.
+ *
+ * Locks, their order and what each guards: LOCKING.md (the one place).
  */
 #ifndef CMETAL_INTERNAL_H
 #define CMETAL_INTERNAL_H
 
+#include "backend.h"
 #include "cmetal.h"
 
 #include <pthread.h>
@@ -35,88 +53,7 @@ int cm__fail(int status, const char *fmt, ...) CM_PRINTF(2, 3);
 
 /* Format a byte count for messages ("4096 bytes", "3.2 GiB"). */
 const char *cm__fmt_bytes(uint64_t n, char *buf, size_t cap);
-
-/* ------------------------------------------------------------------ */
-/* Backend primitives                                                  */
-/* ------------------------------------------------------------------ */
-
-/* A backend-native object: an id<MTLBuffer> (bridged, +1) on Metal; on
- * the host backend the contents pointer itself. Opaque to the core. */
-typedef void *cm_native_t;
-
-typedef struct cm_backend {
-    const char *name;       /* "host" / "metal"                           */
-    int kind;               /* CM_BACKEND_*                               */
-
-    int (*available)(void);
-
-    /* Create the backend's per-device state (queue, worker thread, ...)
-     * and fill info: name, has_unified_memory, max_buffer_length,
-     * recommended_max_working_set_size, page_size, registry_id. Set
-     * info->residency_enabled = 0 with a reason when the backend cannot
-     * make residency sets (Metal before macOS 15); the core clears it too
-     * when the caller asked for no residency. */
-    int (*open)(cm_device_t *dev, void **state, cm_device_info_t *info);
-
-    /* Tear the state down. Called once, when the device's last reference
-     * dies; every storage, shard, command buffer and kernel is gone by
-     * then. May run on one of the backend's own threads (a completion
-     * dropped the last reference): the backend must then not join that
-     * thread but let it finish the teardown itself. */
-    void (*close)(void *state);
-
-    /* len bytes (already checked: 0 < len <= max_buffer_length),
-     * zero-filled, page-aligned, CPU-visible at *contents. */
-    int (*buffer_alloc)(void *state, uint64_t len, cm_native_t *native,
-                        uint8_t **contents);
-    void (*buffer_free)(void *state, cm_native_t native, uint8_t *contents,
-                        uint64_t len);
-
-    /* Make a native buffer over caller memory without copying (file
-     * mappings, external memory). ptr is page-aligned and len a whole
-     * number of pages when the core calls it for a mapping. The backend
-     * reports CM_ERR_UNSUPPORTED for memory it cannot wrap. */
-    int (*buffer_wrap)(void *state, void *ptr, uint64_t len, cm_native_t *native);
-    void (*buffer_unwrap)(void *state, cm_native_t native);
-
-    /* Adopt (retain) a native buffer given by its handle. */
-    int (*buffer_adopt)(void *state, uint64_t handle, cm_native_t *native,
-                        uint8_t **contents, uint64_t *len);
-
-    /* The integer handle users see (MTLBuffer pointer) or 0. */
-    uint64_t (*native_handle)(cm_native_t native);
-
-    /* Residency-set primitives, called with the device's lock held; never
-     * called when residency is off. rset_create makes shard `index` and
-     * attaches it to the device's queue. add/remove only stage; commit
-     * applies; request re-requests residency (keep-alive). */
-    int (*rset_create)(void *state, unsigned index, void **rset);
-    void (*rset_destroy)(void *state, void *rset);
-    void (*rset_add)(void *rset, cm_native_t native);
-    void (*rset_remove)(void *rset, cm_native_t native);
-    void (*rset_commit)(void *rset);
-    void (*rset_request)(void *rset);
-
-    /* Run cb's ops (cb->ops[0..nops)) after every command buffer submitted
-     * before it, without blocking the caller, and then call
-     * cm__cmdbuf_complete(cb, status, message) exactly once from any
-     * thread. A non-zero return means nothing was submitted and
-     * cm__cmdbuf_complete must not be called. */
-    int (*submit)(void *state, cm_cmdbuf_t *cb);
-
-    /* Compute; a backend without compute reports CM_ERR_UNSUPPORTED from
-     * library_compile, so the others are never reached. */
-    int (*library_compile)(void *state, const char *source, void **lib);
-    void (*library_release)(void *lib);
-    int (*kernel_create)(void *state, void *lib, const char *name,
-                         void **pipeline, cm_kernel_info_t *info);
-    void (*kernel_release)(void *pipeline);
-} cm_backend_t;
-
-extern const cm_backend_t cm_host_backend;
-#if defined(CM_HAVE_METAL)
-extern const cm_backend_t cm_metal_backend;
-#endif
+#define BYTES(n, buf) cm__fmt_bytes((n), (buf), sizeof(buf))
 
 /* ------------------------------------------------------------------ */
 /* Core objects                                                        */
@@ -131,10 +68,23 @@ typedef struct cm_shard {
     bool pending;
 } cm_shard_t;
 
+/* Who keeps a storage once its last reference dies (a pool installs
+ * itself when it makes one). The storage holds a reference on its owner
+ * until it is freed, and knows only "my owner", never what the owner is.
+ * Both hooks run with no lock held. */
+typedef struct cm_storage_owner {
+    /* The last reference to s died: keep s (true: it lives on in the
+     * owner's cache, unreferenced) or refuse (false: s is destroyed). */
+    bool (*take_back)(void *owner, cm_storage_t *s);
+    /* s was destroyed: drop the reference it held on its owner. */
+    void (*release)(void *owner);
+} cm_storage_owner_t;
+
 struct cm_storage {
     atomic_uint_fast64_t refcount;
     cm_device_t *dev;                 /* strong reference                 */
-    cm_pool_t *pool;                  /* strong reference when pooled     */
+    const cm_storage_owner_t *owner_hooks; /* NULL when nobody keeps it   */
+    void *owner;                      /* strong reference, for the hooks  */
     int kind;                         /* CM_STORAGE_*                     */
     int writable;
     uint8_t *contents;                /* CPU address of byte 0            */
@@ -149,7 +99,7 @@ struct cm_storage {
     void *ext_ctx;
     int shard;                        /* guarded by dev->lock; -1 if none */
     atomic_uint_fast64_t inflight_writers;
-    /* pool cache links, guarded by pool->lock while cached */
+    /* the owner's cache links, guarded by the owner's lock while cached */
     cm_storage_t *class_prev, *class_next;
     cm_storage_t *lru_prev, *lru_next;
 };
@@ -188,12 +138,25 @@ struct cm_cmdbuf {
     size_t nwrites, writes_cap;
     uint64_t seq;                     /* submission order                 */
     void *backend_data;               /* free for the backend's use       */
+    /* What the backend runs when the buffer is done (cm__cmdbuf_complete
+     * below); set by the core when it creates the buffer. */
+    void (*complete)(cm_cmdbuf_t *cb, int status, const char *message);
     /* core only: serialises encoders of one command buffer, and the open-
      * addressing sets that keep holds and writes free of duplicates */
     pthread_mutex_t enc_lock;
     cm_storage_t **hold_set, **write_set;
     size_t hold_set_cap, write_set_cap;
 };
+
+/* Backends call this exactly once per submitted command buffer, from any
+ * thread, after the ops ran (status CM_OK) or failed (status != CM_OK,
+ * message describes it): the core's completion releases the holds, then
+ * marks the buffer done and wakes waiters (cmdbuf.c). Through the hook on
+ * the buffer, so a backend never names the layer above it. */
+static inline void cm__cmdbuf_complete(cm_cmdbuf_t *cb, int status, const char *message)
+{
+    cb->complete(cb, status, message);
+}
 
 struct cm_kernel {
     atomic_uint_fast64_t refcount;
@@ -203,13 +166,58 @@ struct cm_kernel {
     cm_kernel_t *cache_next;          /* library's cache list             */
 };
 
+/* Something whose locks a forked child may need, registered with fork.c,
+ * which runs its hooks inside fork(): a device (in the registry of open
+ * devices), or an object of a device (a pool, a library: in the device's
+ * list, whose hooks run with the device's own locks held). LOCKING.md,
+ * "fork()". */
+typedef struct cm_fork_hooks {
+    /* In the forking thread before fork(): take the owner's locks. */
+    void (*prepare)(void *owner);
+    /* In the parent after fork(): release them. */
+    void (*parent)(void *owner);
+    /* In the child after fork(): release them, and settle the owner for a
+     * device that is now inherited (a pool stops caching). */
+    void (*child)(void *owner);
+} cm_fork_hooks_t;
+
+typedef struct cm_fork_entry {
+    const cm_fork_hooks_t *hooks;
+    void *owner;
+    struct cm_fork_entry *prev, *next; /* the registry's, fork.c's lock   */
+} cm_fork_entry_t;
+
 struct cm_library {
     atomic_uint_fast64_t refcount;
     cm_device_t *dev;                 /* strong reference                 */
     void *native;                     /* backend object                   */
     pthread_mutex_t lock;             /* guards the kernel cache          */
     cm_kernel_t *kernels;             /* one reference each               */
+    cm_fork_entry_t fork;             /* in dev->fork_entries while alive */
 };
+
+/* A cache that can give memory back when an allocation would pass the
+ * device's memory limit (a pool). Its owner registers it with the device
+ * and unregisters it once the owner's reference count has reached zero,
+ * before freeing it; the device knows only "a cache", never what it is.
+ * cm__memory_trim walks the registrations under dev->lock but trims with
+ * dev->lock dropped, holding a reference on the owner meanwhile (the walk
+ * and why it is safe: memory.c). */
+typedef struct cm_trimmer_hooks {
+    /* Take a reference on owner unless its count already reached zero (it
+     * is being freed). Called with dev->lock held: it must not block. */
+    bool (*try_retain)(void *owner);
+    /* Drop that reference; may free the owner. No lock held. */
+    void (*release)(void *owner);
+    /* Free what the owner caches; returns the bytes freed. No lock held. */
+    uint64_t (*trim)(void *owner);
+} cm_trimmer_hooks_t;
+
+typedef struct cm_trimmer {
+    const cm_trimmer_hooks_t *hooks;
+    void *owner;
+    struct cm_trimmer *prev, *next;   /* dev->trimmers, under dev->lock   */
+} cm_trimmer_t;
 
 struct cm_device {
     atomic_uint_fast64_t refcount;
@@ -223,13 +231,13 @@ struct cm_device {
     atomic_uint_fast64_t alloc_count, free_count;
     atomic_uint_fast64_t memory_limit;
 
-    /* dev->lock guards residency, the pool list and fault injection. */
+    /* dev->lock guards residency, the trimmers and fault injection. */
     pthread_mutex_t lock;
     cm_shard_t shards[CM_MAX_RESIDENCY_SHARDS];
     unsigned nshards;
     uint64_t shard_cap;
     uint64_t rs_commit_count, rs_adds, rs_removes, keepalive_requests;
-    cm_pool_t *pools;                 /* live pools, weak, for trimming   */
+    cm_trimmer_t *trimmers;           /* caches to trim, weak             */
     uint64_t fail_nth, fail_min;      /* fault injection                  */
 
     /* dev->cb_lock guards command-buffer states and the counters below;
@@ -241,7 +249,7 @@ struct cm_device {
     /* Held from the residency flush through backend->submit, so command
      * buffers reach the backend in the order of their seq numbers even
      * when threads commit concurrently (a queue runs them in the order it
-     * receives them). Taken under cb->enc_lock, before dev->lock. */
+     * receives them). */
     pthread_mutex_t submit_lock;
 
     /* Keep-alive thread, guarded by ka_lock. */
@@ -251,45 +259,100 @@ struct cm_device {
     bool ka_started, ka_stop;
     double ka_seconds, ka_interval, ka_last_submit;
 
-    /* Pool caches of this device, for cm_device_stats (pool.c keeps them). */
+    /* What the device's caches (its pools) hold, for cm_device_stats; the
+     * caches keep these counts. */
     atomic_uint_fast64_t cached_bytes, cached_storages;
+
+    /* fork.c: the device's entry in the registry of open devices and its
+     * objects that join the fork protocol, under fork.c's lock. In a
+     * forked child, inherited is set (the device was opened before the
+     * fork: its threads stayed in the parent) and inherited_frees says
+     * whether its backend can still free its memory here; both are written
+     * only by the fork handler, before the child has other threads. */
+    cm_fork_entry_t fork;
+    cm_fork_entry_t *fork_entries;
+    bool inherited, inherited_frees;
 };
 
 /* ------------------------------------------------------------------ */
-/* Core entry points used across core files and by backends            */
+/* Entry points one core file offers the others, by defining file      */
 /* ------------------------------------------------------------------ */
 
-/* Backends call this exactly once per submitted command buffer, from any
- * thread, after the ops ran (status CM_OK) or failed (status != CM_OK,
- * message describes it). Releases the holds, then marks the buffer done
- * and wakes waiters. */
-void cm__cmdbuf_complete(cm_cmdbuf_t *cb, int status, const char *message);
+/* fork.c: fork() safety; the registry takes fork.c's own lock, so call
+ * these with no core lock held (a cb->enc_lock excepted). */
+/* Register an open device (installing the fork handlers the first time);
+ * fails only when the handlers cannot be installed. */
+int cm__fork_add_device(cm_device_t *dev);
+void cm__fork_remove_device(cm_device_t *dev);
+/* Register / unregister an object of dev whose locks join the protocol. */
+void cm__fork_add(cm_device_t *dev, cm_fork_entry_t *e);
+void cm__fork_remove(cm_device_t *dev, cm_fork_entry_t *e);
+/* CM_OK when dev was opened by this process; else fail with
+ * CM_ERR_DEVICE_NOT_FOUND: "cannot <what>: ... open a new device in this
+ * process". Every call that would make something new on a device or wait
+ * for its threads asks this first, before taking any lock. */
+int cm__fork_refuse(const cm_device_t *dev, const char *what);
+/* Whether the backend may be asked to free dev's memory and objects: in
+ * the process that opened dev, or in a child when dev's backend said so. */
+bool cm__fork_may_free(const cm_device_t *dev);
 
-void cm__device_retain(cm_device_t *dev);
+/* memory.c: a device's memory budget. */
+/* Reserve len bytes of active memory under the limit; false if they do
+ * not fit. */
+bool cm__memory_reserve(cm_device_t *dev, uint64_t len);
+/* Count len bytes as active without holding them to the limit. */
+void cm__memory_add(cm_device_t *dev, uint64_t len);
+/* Give back len bytes reserved or added. */
+void cm__memory_release(cm_device_t *dev, uint64_t len);
+/* True when fault injection says this allocation of len bytes fails;
+ * every call counts as one allocation (dev->lock taken inside). */
+bool cm__memory_fault_fires(cm_device_t *dev, uint64_t len);
+/* The limit a device starts with, from its backend and info. */
+uint64_t cm__memory_default_limit(const cm_device_t *dev);
+/* Register / unregister a cache to trim (dev->lock taken inside). */
+void cm__memory_add_trimmer(cm_device_t *dev, cm_trimmer_t *t);
+void cm__memory_remove_trimmer(cm_device_t *dev, cm_trimmer_t *t);
+/* Trim every registered cache of dev; returns the bytes freed. Call with
+ * no lock held. */
+uint64_t cm__memory_trim(cm_device_t *dev);
 
-/* Create a storage of exactly len bytes through the backend, applying the
- * memory limit (trimming the device's pools and retrying once), fault
- * injection and statistics. Does not register residency. */
-int cm__storage_new(cm_device_t *dev, uint64_t len, int kind, cm_storage_t **out);
-
-/* Free a storage whose refcount reached zero and that no pool keeps:
- * stage its residency removal, free its memory, update statistics. */
-void cm__storage_destroy(cm_storage_t *s);
-
-/* Stage the residency add / remove of a storage (dev->lock taken inside). */
+/* residency.c: each takes dev->lock but cm__residency_init, which runs
+ * before the device is shared. */
+/* Set the shard cap a device starts with, from its info. */
+void cm__residency_init(cm_device_t *dev);
+/* Stage the residency add / remove of a storage. */
 int cm__residency_add(cm_device_t *dev, cm_storage_t *s);
 void cm__residency_remove(cm_device_t *dev, cm_storage_t *s);
+/* Fail with CM_ERR_RESIDENCY, giving the reason residency is off. */
+int cm__residency_off(cm_device_t *dev);
+/* Re-request residency of every shard (keep-alive). */
+void cm__residency_request(cm_device_t *dev);
+/* Destroy every shard; the device's last reference died. */
+void cm__residency_close(cm_device_t *dev);
 
-/* pool.c: give a storage whose last reference died back to its pool.
- * Returns true if the pool kept it, false if the caller must destroy it. */
-bool cm__pool_take_back(cm_pool_t *pool, cm_storage_t *s);
-void cm__pool_drop_ref(cm_pool_t *pool);
-/* Free the cache of every pool of dev; returns bytes freed. */
-uint64_t cm__device_trim_pools(cm_device_t *dev);
+/* keepalive.c */
+/* A command buffer was submitted: restart the keep-alive window. */
+void cm__keepalive_note_submit(cm_device_t *dev);
+/* Stop and join the keep-alive thread, if it runs. */
+void cm__keepalive_stop(cm_device_t *dev);
 
-double cm__now(void);                 /* monotonic seconds                */
+/* device.c */
+void cm__device_retain(cm_device_t *dev);
 
-/* Physical memory of this machine in bytes (host.c; 0 if unknown). */
-uint64_t cm__physical_memory(void);
+/* storage.c */
+/* Create a storage of exactly len bytes through the backend, applying the
+ * memory limit (trimming the device's caches and retrying once), fault
+ * injection and statistics. Does not register residency. */
+int cm__storage_new(cm_device_t *dev, uint64_t len, int kind, cm_storage_t **out);
+/* Free a storage whose refcount reached zero and that its owner does not
+ * keep: stage its residency removal, free its memory, update statistics,
+ * then drop the storage's reference on its owner. */
+void cm__storage_destroy(cm_storage_t *s);
+
+/* compute.c: fail unless kernel k accepts a launch of this grid and
+ * threadgroup (every dimension at least 1, no more threads per
+ * threadgroup than its pipeline allows). */
+int cm__kernel_check_launch(const cm_kernel_t *k, const uint64_t *grid,
+                            const uint64_t *threadgroup);
 
 #endif /* CMETAL_INTERNAL_H */

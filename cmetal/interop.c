@@ -4,6 +4,9 @@
  * Pure C: no Python here, so the deleters this file hands out can run on
  * any thread and after the interpreter is gone (the DLPack rule for
  * deleters). The PyCapsule side is in pycapsule.c.
+ *
+ * Uses the public storage calls only and takes no lock of its own
+ * (LOCKING.md).
  */
 #include "interop.h"
 #include "internal.h"

@@ -596,7 +596,7 @@ static int metal_buffer_wrap(void *state, void *ptr, uint64_t len, cm_native_t *
                             ptr, (unsigned long long)st->page_size);
         uint64_t span = round_to_pages(len, st->page_size);
         if (span == 0 || span > st->max_buffer_length)
-            return cm__fail(CM_ERR_INVALID_ARGUMENT,
+            return cm__fail(CM_ERR_OUT_OF_MEMORY,
                             "cannot wrap %s: device maximum buffer length is %s",
                             cm__fmt_bytes(len, a, sizeof a),
                             cm__fmt_bytes(st->max_buffer_length, b, sizeof b));

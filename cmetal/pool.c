@@ -12,12 +12,13 @@
  *                64 classes per power of two; waste < 1.6 %, and every
  *                class is a whole number of pages.
  *
- * For comparison, the seed's power-of-two buckets waste up to 100 % (its
- * own example: 17.26 GB of weights became 25.55 GB). If a class would pass
- * the device's max_buffer_length while n does not, the class is n rounded
- * up to the page, capped at max_buffer_length, so every request the device
- * could serve unpooled is served pooled too. All arithmetic is checked: a
- * request whose rounding would pass 2^64 is refused, never wrapped.
+ * For comparison, the Rust mlx-native crate's power-of-two buckets waste up
+ * to 100 % (its own example: 17.26 GB of weights became 25.55 GB). If a
+ * class would pass the device's max_buffer_length while n does not, the
+ * class is n rounded up to the page, capped at max_buffer_length, so every
+ * request the device could serve unpooled is served pooled too. All
+ * arithmetic is checked: a request whose rounding would pass 2^64 is
+ * refused, never wrapped.
  *
  * Policy:
  * - A storage returns to its pool only when its last reference dies, so a
@@ -30,23 +31,26 @@
  *   churn (alloc, drop, submit) stages nothing and costs no commit. They
  *   leave the set when evicted, cleared or trimmed.
  * - Reused storages are not re-zeroed unless the caller asks (zero != 0).
- * - On out-of-memory the core trims every pool of the device and retries
- *   once (cm__device_trim_pools).
+ * - On out-of-memory the core trims every cache of the device and retries
+ *   once: each pool registers its trimmer with the device
+ *   (cm__memory_trim).
  * - A released pool frees instead of caching.
+ * - In a forked child, a pool of an inherited device (fork.c) allocates
+ *   nothing and caches nothing: the storages that come back are freed, as
+ *   by a released pool. Its cache empties when it is cleared or released.
  *
- * Locking: pool->lock guards the cache and the statistics. It is never
- * held while dev->lock is taken, nor taken while dev->lock is held, and
- * storages are destroyed with no pool lock held (destruction takes
- * dev->lock and can drop the pool's last reference). The hit path is one
- * lock, a hash probe and a list unlink: O(1), no allocation.
+ * Locking: pool->lock guards the cache and the statistics; dev->lock the
+ * device's list of trimmers. The two never nest, and storages are
+ * destroyed with no pool lock held (destruction takes dev->lock and can
+ * drop the pool's last reference); order and rules in LOCKING.md. The
+ * fork hooks take pool->lock around fork(). The hit path is one lock, a
+ * hash probe and a list unlink: O(1), no allocation.
  */
 #include "internal.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-#define BYTES(n, buf) cm__fmt_bytes((n), (buf), sizeof(buf))
 
 #define KIB ((uint64_t)1 << 10)
 #define MIB ((uint64_t)1 << 20)
@@ -63,7 +67,8 @@ typedef struct cm_class_slot {
 struct cm_pool {
     atomic_uint_fast64_t refcount;    /* caller's + one per pooled storage */
     cm_device_t *dev;                 /* strong reference                 */
-    cm_pool_t *dev_prev, *dev_next;   /* dev->pools, guarded by dev->lock */
+    cm_trimmer_t trimmer;             /* in dev->trimmers until count 0   */
+    cm_fork_entry_t fork;             /* in dev->fork_entries until then  */
 
     pthread_mutex_t lock;
     bool closed;
@@ -131,8 +136,8 @@ static int pool_class(cm_device_t *dev, uint64_t n, uint64_t *out)
     if (n == 0)
         return cm__fail(CM_ERR_INVALID_ARGUMENT,
                         "cannot allocate 0 bytes: byte_len must be at least 1");
-    if (n > max)
-        return cm__fail(CM_ERR_INVALID_ARGUMENT,
+    if (n > max) /* out of memory, as in cm_storage_alloc */
+        return cm__fail(CM_ERR_OUT_OF_MEMORY,
                         "cannot allocate %s: device maximum buffer length is %s",
                         BYTES(n, b1), BYTES(max, b2));
     int rc = cm_size_class(n, dev->info.page_size, out);
@@ -286,11 +291,127 @@ static void destroy_chain(cm_storage_t *victims)
 /* Lifetime                                                            */
 /* ------------------------------------------------------------------ */
 
+static void pool_drop_ref(cm_pool_t *pool)
+{
+    if (atomic_fetch_sub_explicit(&pool->refcount, 1, memory_order_acq_rel) != 1)
+        return;
+    cm_device_t *dev = pool->dev;
+    cm__memory_remove_trimmer(dev, &pool->trimmer);
+    cm__fork_remove(dev, &pool->fork);
+    free(pool->slots);
+    pthread_mutex_destroy(&pool->lock);
+    free(pool);
+    cm_device_release(dev);
+}
+
+/* The storage-owner hooks of a pooled storage: its last reference gives it
+ * back here, and once destroyed it drops its reference on the pool. */
+static bool pool_take_back(void *owner, cm_storage_t *s)
+{
+    cm_pool_t *pool = owner;
+    uint64_t freed = 0;
+    cm_storage_t *victims = NULL;
+    bool kept = false;
+    pthread_mutex_lock(&pool->lock);
+    pool->in_use_count--;
+    pool->in_use_bytes -= s->byte_len;
+    pool->requested_bytes -= s->requested_len;
+    if (!pool->closed && s->byte_len <= pool->cache_limit) {
+        cm_class_slot_t *slot = slot_get_locked(pool, s->byte_len);
+        if (slot != NULL) {
+            cache_push_locked(pool, slot, s);
+            kept = true;
+            victims = cache_shrink_locked(pool, pool->cache_limit, &freed);
+            for (cm_storage_t *v = victims; v != NULL; v = v->lru_next)
+                pool->evictions++;
+        }
+    }
+    pthread_mutex_unlock(&pool->lock);
+    destroy_chain(victims);
+    return kept;
+}
+
+static void pool_release_owner(void *owner)
+{
+    pool_drop_ref(owner);
+}
+
+static const cm_storage_owner_t pool_storage_owner = {
+    .take_back = pool_take_back,
+    .release = pool_release_owner,
+};
+
+/* Empty the cache; returns the bytes freed. */
+static uint64_t pool_clear(cm_pool_t *pool, bool close)
+{
+    uint64_t freed = 0;
+    pthread_mutex_lock(&pool->lock);
+    if (close)
+        pool->closed = true;
+    cm_storage_t *victims = cache_shrink_locked(pool, 0, &freed);
+    pthread_mutex_unlock(&pool->lock);
+    destroy_chain(victims);
+    return freed;
+}
+
+/* The trimmer hooks: under memory pressure the device empties the cache
+ * (the pool is then still usable), holding a reference on the pool. */
+static bool pool_try_retain(void *owner)
+{
+    cm_pool_t *pool = owner;
+    uint64_t rc = atomic_load(&pool->refcount);
+    while (rc != 0) {
+        if (atomic_compare_exchange_weak(&pool->refcount, &rc, rc + 1))
+            return true;
+    }
+    return false;
+}
+
+static uint64_t pool_trim(void *owner)
+{
+    return pool_clear(owner, false);
+}
+
+static const cm_trimmer_hooks_t pool_trimmer_hooks = {
+    .try_retain = pool_try_retain,
+    .release = pool_release_owner,
+    .trim = pool_trim,
+};
+
+/* The fork hooks: the cache is whole at the fork, and in the child the
+ * pool serves nothing more (its device makes nothing new there), so it is
+ * closed: what comes back is freed, not cached. */
+static void pool_fork_prepare(void *owner)
+{
+    pthread_mutex_lock(&((cm_pool_t *)owner)->lock);
+}
+
+static void pool_fork_parent(void *owner)
+{
+    pthread_mutex_unlock(&((cm_pool_t *)owner)->lock);
+}
+
+static void pool_fork_child(void *owner)
+{
+    cm_pool_t *pool = owner;
+    pool->closed = true;
+    pthread_mutex_unlock(&pool->lock);
+}
+
+static const cm_fork_hooks_t pool_fork_hooks = {
+    .prepare = pool_fork_prepare,
+    .parent = pool_fork_parent,
+    .child = pool_fork_child,
+};
+
 int cm_pool_create(cm_device_t *dev, int64_t cache_limit, cm_pool_t **out)
 {
     if (dev == NULL || out == NULL)
         return cm__fail(CM_ERR_INVALID_ARGUMENT, "cm_pool_create: NULL argument");
     *out = NULL;
+    int rc = cm__fork_refuse(dev, "create a buffer pool");
+    if (rc != CM_OK)
+        return rc;
     cm_pool_t *pool = calloc(1, sizeof *pool);
     if (pool == NULL)
         return cm__fail(CM_ERR_OUT_OF_MEMORY, "cannot allocate a pool record");
@@ -307,46 +428,14 @@ int cm_pool_create(cm_device_t *dev, int64_t cache_limit, cm_pool_t **out)
     }
     cm__device_retain(dev);
     pool->dev = dev;
-    pthread_mutex_lock(&dev->lock);
-    pool->dev_next = dev->pools;
-    if (dev->pools != NULL)
-        dev->pools->dev_prev = pool;
-    dev->pools = pool;
-    pthread_mutex_unlock(&dev->lock);
+    pool->trimmer.hooks = &pool_trimmer_hooks;
+    pool->trimmer.owner = pool;
+    cm__memory_add_trimmer(dev, &pool->trimmer);
+    pool->fork.hooks = &pool_fork_hooks;
+    pool->fork.owner = pool;
+    cm__fork_add(dev, &pool->fork);
     *out = pool;
     return CM_OK;
-}
-
-void cm__pool_drop_ref(cm_pool_t *pool)
-{
-    if (atomic_fetch_sub_explicit(&pool->refcount, 1, memory_order_acq_rel) != 1)
-        return;
-    cm_device_t *dev = pool->dev;
-    pthread_mutex_lock(&dev->lock);
-    if (pool->dev_prev != NULL)
-        pool->dev_prev->dev_next = pool->dev_next;
-    else
-        dev->pools = pool->dev_next;
-    if (pool->dev_next != NULL)
-        pool->dev_next->dev_prev = pool->dev_prev;
-    pthread_mutex_unlock(&dev->lock);
-    free(pool->slots);
-    pthread_mutex_destroy(&pool->lock);
-    free(pool);
-    cm_device_release(dev);
-}
-
-/* Empty the cache; returns the bytes freed. */
-static uint64_t pool_clear(cm_pool_t *pool, bool close)
-{
-    uint64_t freed = 0;
-    pthread_mutex_lock(&pool->lock);
-    if (close)
-        pool->closed = true;
-    cm_storage_t *victims = cache_shrink_locked(pool, 0, &freed);
-    pthread_mutex_unlock(&pool->lock);
-    destroy_chain(victims);
-    return freed;
 }
 
 void cm_pool_release(cm_pool_t *pool)
@@ -354,7 +443,7 @@ void cm_pool_release(cm_pool_t *pool)
     if (pool == NULL)
         return;
     pool_clear(pool, true);
-    cm__pool_drop_ref(pool);
+    pool_drop_ref(pool);
 }
 
 int cm_pool_clear(cm_pool_t *pool)
@@ -363,40 +452,6 @@ int cm_pool_clear(cm_pool_t *pool)
         return cm__fail(CM_ERR_INVALID_ARGUMENT, "cm_pool_clear: pool is NULL");
     pool_clear(pool, false);
     return CM_OK;
-}
-
-uint64_t cm__device_trim_pools(cm_device_t *dev)
-{
-    /* dev->pools is weak: a pool whose count already reached zero is being
-     * freed and unlinks itself under dev->lock, so skip it. The pool being
-     * trimmed stays referenced until the next one is, which keeps the walk
-     * on a live node while dev->lock is dropped (clearing takes pool locks
-     * and destroys storages, which takes dev->lock). */
-    uint64_t freed = 0;
-    cm_pool_t *held = NULL;
-    pthread_mutex_lock(&dev->lock);
-    cm_pool_t *p = dev->pools;
-    while (p != NULL) {
-        uint64_t rc = atomic_load(&p->refcount);
-        bool got = false;
-        while (rc != 0 && !(got = atomic_compare_exchange_weak(&p->refcount, &rc, rc + 1))) {
-        }
-        if (!got) {
-            p = p->dev_next;
-            continue;
-        }
-        pthread_mutex_unlock(&dev->lock);
-        if (held != NULL)
-            cm__pool_drop_ref(held);
-        held = p;
-        freed += pool_clear(p, false);
-        pthread_mutex_lock(&dev->lock);
-        p = p->dev_next;
-    }
-    pthread_mutex_unlock(&dev->lock);
-    if (held != NULL)
-        cm__pool_drop_ref(held);
-    return freed;
 }
 
 /* ------------------------------------------------------------------ */
@@ -438,7 +493,8 @@ static int pool_alloc_class(cm_pool_t *pool, uint64_t n, uint64_t cls, int zero,
     if (rc != CM_OK)
         return rc;
     atomic_fetch_add(&pool->refcount, 1);
-    s->pool = pool;
+    s->owner_hooks = &pool_storage_owner;
+    s->owner = pool;
     s->requested_len = n;
     rc = cm__residency_add(pool->dev, s);
     if (rc != CM_OK) {
@@ -460,8 +516,11 @@ int cm_pool_alloc(cm_pool_t *pool, uint64_t byte_len, int zero, cm_alloc_result_
     if (pool == NULL || out == NULL)
         return cm__fail(CM_ERR_INVALID_ARGUMENT, "cm_pool_alloc: NULL argument");
     memset(out, 0, sizeof *out);
+    int rc = cm__fork_refuse(pool->dev, "allocate from a buffer pool");
+    if (rc != CM_OK)
+        return rc;
     uint64_t cls = 0;
-    int rc = pool_class(pool->dev, byte_len, &cls);
+    rc = pool_class(pool->dev, byte_len, &cls);
     if (rc != CM_OK)
         return rc;
     return pool_alloc_class(pool, byte_len, cls, zero, out);
@@ -475,6 +534,9 @@ int cm_pool_alloc_batch(cm_pool_t *pool, const uint64_t *byte_lens, size_t n, in
     if (n == 0)
         return CM_OK;
     memset(out, 0, n * sizeof *out);
+    int refused = cm__fork_refuse(pool->dev, "allocate from a buffer pool");
+    if (refused != CM_OK)
+        return refused;
     /* Every request is checked before anything is allocated, so a bad one
      * leaves the pool exactly as it was. The classes wait in out. */
     for (size_t i = 0; i < n; i++) {
@@ -497,30 +559,6 @@ int cm_pool_alloc_batch(cm_pool_t *pool, const uint64_t *byte_lens, size_t n, in
         }
     }
     return CM_OK;
-}
-
-bool cm__pool_take_back(cm_pool_t *pool, cm_storage_t *s)
-{
-    uint64_t freed = 0;
-    cm_storage_t *victims = NULL;
-    bool kept = false;
-    pthread_mutex_lock(&pool->lock);
-    pool->in_use_count--;
-    pool->in_use_bytes -= s->byte_len;
-    pool->requested_bytes -= s->requested_len;
-    if (!pool->closed && s->byte_len <= pool->cache_limit) {
-        cm_class_slot_t *slot = slot_get_locked(pool, s->byte_len);
-        if (slot != NULL) {
-            cache_push_locked(pool, slot, s);
-            kept = true;
-            victims = cache_shrink_locked(pool, pool->cache_limit, &freed);
-            for (cm_storage_t *v = victims; v != NULL; v = v->lru_next)
-                pool->evictions++;
-        }
-    }
-    pthread_mutex_unlock(&pool->lock);
-    destroy_chain(victims);
-    return kept;
 }
 
 /* ------------------------------------------------------------------ */

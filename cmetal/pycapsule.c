@@ -13,6 +13,7 @@
  * of interop.c, so they stay valid for the life of the process. Python
  * creates capsules with ctypes.pythonapi.PyCapsule_New (cffi cannot return
  * a PyObject*), passing this file's destructor and interop.c's names.
+ * Takes the GIL and no lock of the core (LOCKING.md).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

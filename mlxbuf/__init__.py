@@ -2,10 +2,12 @@
 
 Quick start::
 
+    import numpy as np
     import mlxbuf
     dev = mlxbuf.default_device()
     buf = dev.alloc_buffer(4096, "f32", (1024,))
     arr = buf.numpy()          # zero-copy, aliases the buffer's bytes
+    w = mlxbuf.asarray(np.ones((4, 4), np.float32))   # wraps the array's memory
 
 See README.md for a tour; every public name has a docstring.
 """
@@ -18,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from mlxbuf.buffer import Buffer, ShapeLike
 from mlxbuf.compute import Kernel, Library
+from mlxbuf.conversion import asarray
 from mlxbuf.device import Device, DeviceStats, default_device
 from mlxbuf.dtypes import (
     DType,
@@ -43,6 +46,7 @@ from mlxbuf.errors import (
     CommandBufferError,
     DeviceNotFound,
     FileError,
+    IndexOutOfBounds,
     InvalidArgument,
     KernelNotFound,
     MlxError,
@@ -96,6 +100,7 @@ __all__ = [
     "DeviceNotFound",
     "DeviceStats",
     "FileError",
+    "IndexOutOfBounds",
     "InvalidArgument",
     "Kernel",
     "KernelNotFound",
@@ -111,6 +116,7 @@ __all__ = [
     "Unsupported",
     "UnsupportedDtype",
     "as_dtype",
+    "asarray",
     "default_device",
     "bfloat16",
     "bool_",

@@ -1,8 +1,9 @@
-"""``python -m mlxbuf``: device facts, zero-copy views, residency and pool figures, churn timings."""
+"""python -m mlxbuf: device facts, zero-copy views, residency and pool figures, churn timings."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import timeit
 from collections.abc import Sequence
@@ -13,6 +14,13 @@ import mlxbuf
 
 DECODE_SCRATCH_ALLOCS = 440  # scratch buffers of one simulated decode token
 SCRATCH_BYTES = 4096
+BATCH = 64  # buffers per alloc_batch call in the churn timings
+
+DESCRIPTION = (
+    "Print this machine's mlxbuf device facts, show zero-copy views, count the "
+    "residency commits of a simulated decode token and of pool churn, and time "
+    "allocation churn against numpy."
+)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -105,25 +113,34 @@ def _churn(dev: mlxbuf.Device, number: int) -> None:
     print(f"\n-- alloc/free churn, {SCRATCH_BYTES}-byte buffers (best of 5 x {number})")
     pool = mlxbuf.BufferPool(dev)
     shape = (SCRATCH_BYTES // 4,)
-    f32 = np.float32
-    pool.alloc(SCRATCH_BYTES, "f32", shape)  # one storage cached
-    names = {"np": np, "f32": f32, "shape": shape, "pool": pool, "dev": dev, "n": SCRATCH_BYTES}
+    requests = [(SCRATCH_BYTES, "f32", shape)] * BATCH
+    pool.alloc_batch(requests)  # BATCH storages cached: every timed op is a hit
+    names = {
+        "np": np, "f32": np.float32, "shape": shape, "pool": pool, "dev": dev, "n": SCRATCH_BYTES,
+        "make": pool.allocator(SCRATCH_BYTES, "f32", shape), "requests": requests,
+    }
+    # (name, statement, buffers per statement)
     cases = [
-        ("numpy.empty", "np.empty(shape, f32)"),
-        ("numpy.zeros", "np.zeros(shape, f32)"),
-        ("BufferPool.alloc", "pool.alloc(n, 'f32', shape)"),
-        ("Device.alloc_buffer", "dev.alloc_buffer(n, 'f32', shape)"),
+        ("numpy.empty", "np.empty(shape, f32)", 1),
+        ("numpy.zeros", "np.zeros(shape, f32)", 1),
+        ("BufferPool.alloc", "pool.alloc(n, 'f32', shape)", 1),
+        ("BufferPool.allocator()", "make()", 1),
+        (f"alloc_batch of {BATCH}", "pool.alloc_batch(requests)", BATCH),
+        ("Device.alloc_buffer", "dev.alloc_buffer(n, 'f32', shape)", 1),
     ]
-    results = {name: float("inf") for name, _ in cases}
+    results = {name: float("inf") for name, _, _ in cases}
     # Interleaved rounds, best of each: other processes' load hits every
     # case alike instead of skewing one ratio.
     for _ in range(5):
-        for name, stmt in cases:
-            seconds = timeit.timeit(stmt, globals=names, number=number)
-            results[name] = min(results[name], seconds / number * 1e9)
+        for name, stmt, per in cases:
+            runs = max(number // per, 1)
+            seconds = timeit.timeit(stmt, globals=names, number=runs)
+            results[name] = min(results[name], seconds / (runs * per) * 1e9)
     base = results["numpy.empty"]
-    for name, ns in results.items():
-        print(f"{name:<22}{ns:8.0f} ns/op   {ns / base:5.2f}x numpy.empty")
+    for name, _, per in cases:
+        ns = results[name]
+        unit = "ns/buffer" if per > 1 else "ns/op    "
+        print(f"{name:<24}{ns:8.0f} {unit}  {ns / base:5.2f}x numpy.empty")
     if dev.residency_set is not None:
         dev.residency_set.flush_pending()
     pool.close()
@@ -131,19 +148,35 @@ def _churn(dev: mlxbuf.Device, number: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; returns the process exit status."""
-    parser = argparse.ArgumentParser(prog="python -m mlxbuf", description=__doc__)
-    parser.add_argument("--backend", default="auto", choices=["auto", "host", "metal"])
-    parser.add_argument("--number", type=int, default=20000, help="iterations per churn timing run")
+    parser = argparse.ArgumentParser(prog="python -m mlxbuf", description=DESCRIPTION)
+    parser.add_argument("--backend", default="auto", choices=["auto", "host", "metal"],
+                        help="device to open (default: auto, as mlxbuf.default_device)")
+    parser.add_argument("--number", type=int, default=20000, help="iterations per churn timing run (default: 20000)")
     args = parser.parse_args(argv)
     dev = mlxbuf.Device(args.backend)
-    _facts(dev)
-    _views(dev)
-    _residency(dev)
-    _pool(dev)
+    # Each section is flushed as it ends, so a reader that stops early (a
+    # pipe into head) ends the run at the next section, not after it.
+    for section in (_facts, _views, _residency, _pool):
+        section(dev)
+        sys.stdout.flush()
     _churn(dev, args.number)
+    sys.stdout.flush()
     dev.synchronize()
     return 0
 
 
+def run(argv: Sequence[str] | None = None) -> int:
+    """main(), ending quietly when stdout is closed early (``... | head``)."""
+    try:
+        return main(argv)
+    except BrokenPipeError:
+        # Python's own advice: point stdout at devnull so the flush at exit
+        # does not fail a second time, and exit like a program killed by
+        # SIGPIPE would want to be seen (status 1, nothing on stderr).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -11,15 +11,13 @@ import weakref
 from typing import TYPE_CHECKING, Any, SupportsIndex
 
 from mlxbuf._cmetal import ffi, lib
-from mlxbuf.buffer import Buffer, _int_arg, _result, _shape_arg, _shape_fits, _tls
-from mlxbuf.dtypes import _LOOKUP as _DTYPES
-from mlxbuf.dtypes import as_dtype
+from mlxbuf.buffer import _NO_REQUEST, Buffer, _int_arg, _plan_for, _recall, _result, _tls
 from mlxbuf.errors import DeviceNotFound, InvalidArgument, check, error_for
 
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike
 
-    from mlxbuf.buffer import ShapeLike
+    from mlxbuf.buffer import ShapeLike, _LastRequest, _Plan
     from mlxbuf.compute import Library
     from mlxbuf.dtypes import DTypeLike
     from mlxbuf.encoder import CommandEncoder
@@ -30,7 +28,6 @@ __all__ = ["Device", "DeviceStats", "default_device"]
 _BACKENDS = {"auto": lib.CM_BACKEND_AUTO, "host": lib.CM_BACKEND_HOST, "metal": lib.CM_BACKEND_METAL}
 _BACKEND_NAMES = {lib.CM_BACKEND_HOST: "host", lib.CM_BACKEND_METAL: "metal"}
 _U64_MAX = (1 << 64) - 1
-_U64_LIMIT = 1 << 64
 _release = lib.cm_storage_release
 _gc = ffi.gc
 _new = object.__new__
@@ -122,12 +119,10 @@ _open_devices: weakref.WeakSet[Device] = weakref.WeakSet()
 
 @atexit.register
 def _synchronize_open_devices() -> None:
-    pid = os.getpid()
     for dev in list(_open_devices):
-        # A device inherited through fork has no worker thread here: waiting
-        # on it would wait for completions that never come.
-        if dev._pid == pid:
-            lib.cm_device_synchronize(dev._handle)
+        # A device inherited through fork refuses at once (its queue stayed
+        # in the parent): nothing to wait for, nothing to report at exit.
+        lib.cm_device_synchronize(dev._handle)
 
 
 class Device:
@@ -140,17 +135,22 @@ class Device:
     with residency sets switched off. ``MLXBUF_RESIDENCY_SHARD_BYTES`` and
     ``MLXBUF_RESIDENCY_KEEPALIVE=seconds[,interval]`` are applied at open.
 
+    A Device pickles as its backend name and unpickles as a newly opened
+    Device of that backend; ``copy.copy`` and ``copy.deepcopy`` return the
+    Device itself (it is a handle, like a file).
+
     Owns one C reference to the device, released when the Device is
     collected; buffers, pools and command buffers hold their own. Safe to
     use from any thread.
     """
 
-    __slots__ = ("_handle", "_info", "_pid", "__weakref__")
+    __slots__ = ("_handle", "_info", "_plans", "_last", "__weakref__")
 
     # The slots' types (annotations only, no class attributes).
     _handle: Any
     _info: Any
-    _pid: int
+    _plans: dict[Any, _Plan]  # alloc_buffer's validated requests (buffer._plan_for)
+    _last: _LastRequest  # the last request, its handle and layout (buffer._NO_REQUEST)
 
     def __init__(self, backend: str = "auto", *, residency: bool | None = None) -> None:
         wanted = _requested_backend(backend)
@@ -179,8 +179,18 @@ class Device:
         info = ffi.new("cm_device_info_t *")
         check(lib.cm_device_info(handle, info))
         self._info = info
-        self._pid = os.getpid()
+        self._plans = {}
+        self._last = _NO_REQUEST
         _open_devices.add(self)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Device, (self.backend,))
+
+    def __copy__(self) -> Device:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Device:
+        return self
 
     def _apply_env(self) -> None:
         shard = os.environ.get("MLXBUF_RESIDENCY_SHARD_BYTES", "").strip()
@@ -313,49 +323,43 @@ class Device:
     def alloc_buffer(self, byte_len: SupportsIndex, dtype: DTypeLike, shape: ShapeLike) -> Buffer:
         """A new zero-filled Buffer of ``byte_len`` bytes viewed as ``dtype``/``shape``.
 
-        ``byte_len`` must be > 0 and <= max_buffer_length, and the shape must
-        fit in it. The storage is staged into the residency set (no commit).
-        On BufferAllocationError the garbage collector runs once and the
-        allocation is retried once (the device's pool caches were already
-        given back by C).
+        ``byte_len`` must be > 0 and the shape must fit in it
+        (InvalidArgument otherwise); above max_buffer_length, or beyond the
+        device's memory, raises BufferAllocationError (a MemoryError). The
+        storage is staged into the residency set (no commit). When memory
+        runs out the garbage collector runs once and the allocation is
+        retried once (the device's pool caches were already given back by C).
         """
-        # Inlined hot path, as in BufferPool.alloc.
-        try:
-            dt = _DTYPES[dtype]
-        except (KeyError, TypeError):
-            dt = as_dtype(dtype)
-        if type(shape) is tuple and len(shape) == 1 and type(shape[0]) is int and shape[0] >= 0:
-            count = shape[0]
-        else:
-            shape, count = _shape_arg(shape)
-        if type(byte_len) is not int or byte_len <= 0 or byte_len >= _U64_LIMIT:
-            byte_len = _int_arg(byte_len, "byte_len", minimum=1)
-        # The fast path's shape is a tuple of one int, which mypy cannot narrow to.
-        if count * dt.size > byte_len:
-            _shape_fits(dt, shape, count, byte_len)  # type: ignore[arg-type]
+        # The hot path of unpooled allocation, as in BufferPool.alloc: a
+        # repeated request reuses its validated plan (buffer._plan_for says
+        # when a plan counts as a hit).
+        last_len, last_dtype, last_shape, handle, layout = self._last
+        if byte_len is not last_len or dtype is not last_dtype or shape is not last_shape:
+            handle, layout, byte_len = _recall(self, byte_len, dtype, shape)
         try:
             res = _tls.res
         except AttributeError:
             res = _result()
-        status = _storage_alloc(self._handle, byte_len, res)
+        status = _storage_alloc(handle, byte_len, res)
         if status:
             self._alloc_failed(status, byte_len, res)
         # Read the shared per-thread result before allocating Python objects:
         # an allocation can run the garbage collector, whose finalizers may
         # allocate (and so overwrite res) on this thread.
-        storage = res.storage
+        storage = _gc(res.storage, _release)
         buf = _new(Buffer)
         buf._device = self
-        buf._storage = _gc(storage, _release, byte_len)
-        buf._dtype = dt
-        buf._shape = shape  # type: ignore[assignment]  # (int,): see above
-        buf._byte_offset = 0
-        buf._byte_len = byte_len
+        buf._storage = storage
+        buf._layout = layout
         return buf
 
+    def _plan(self, byte_len: Any, dtype: Any, shape: Any) -> tuple[_Plan, int]:
+        return _plan_for(self._plans, self._handle, byte_len, dtype, shape, _unrounded)
+
     def _alloc_failed(self, status: int, byte_len: int, res: Any) -> None:
-        if status == _OOM:
-            # Python may be holding dead buffers in reference cycles.
+        # Python may be holding dead buffers in reference cycles; collecting
+        # them cannot make room for more than the device's maximum.
+        if status == _OOM and byte_len <= self._info.max_buffer_length:
             gc.collect()
             status = _storage_alloc(self._handle, byte_len, res)
             if not status:
@@ -412,6 +416,11 @@ class Device:
         from mlxbuf import interop
 
         return interop.from_numpy(self, array, copy=copy)
+
+
+def _unrounded(n: int) -> int:
+    """An unpooled storage is exactly the bytes asked for."""
+    return n
 
 
 _default_lock = threading.Lock()

@@ -21,8 +21,9 @@ if TYPE_CHECKING:
 
 __all__ = ["CommandEncoder", "KernelConstant"]
 
-# A value ``CommandEncoder.dispatch`` can bind as a kernel constant (see
-# _constant_bytes for how each is packed).
+# A value ``CommandEncoder.dispatch`` can bind as a kernel constant: Python
+# ints bind as 32-bit ints, floats as float32, bools as uint8, numpy
+# scalars and arrays as their own type, bytes-like objects as they are.
 KernelConstant: TypeAlias = Union[int, float, bytes, bytearray, memoryview, "np.generic", "np.ndarray"]
 
 _STATUS_NAMES = {
@@ -103,6 +104,9 @@ class CommandEncoder:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError("a CommandEncoder is made by Device.command_encoder()")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise TypeError("a CommandEncoder cannot be pickled: it is one command buffer of one device's queue")
+
     @classmethod
     def _create(cls, device: Device) -> CommandEncoder:
         out = ffi.new("cm_cmdbuf_t **")
@@ -137,7 +141,7 @@ class CommandEncoder:
         if nbytes > dst.nbytes:
             raise InvalidArgument(f"copy of {nbytes} bytes exceeds the {dst.nbytes}-byte destination view")
         check(
-            lib.cm_cmdbuf_copy(self._handle, src._storage, src._byte_offset, dst._storage, dst._byte_offset, nbytes)
+            lib.cm_cmdbuf_copy(self._handle, src._storage, src.byte_offset, dst._storage, dst.byte_offset, nbytes)
         )
 
     def fill(self, buffer: Buffer, value: int | np.integer[Any]) -> None:
@@ -147,7 +151,7 @@ class CommandEncoder:
             raise InvalidArgument(f"fill value must be an int in 0..255, got {value!r}")
         if not 0 <= value <= 255:
             raise InvalidArgument(f"fill value {int(value)} is outside 0..255 (one byte)")
-        check(lib.cm_cmdbuf_fill(self._handle, buffer._storage, buffer._byte_offset, buffer.nbytes, int(value)))
+        check(lib.cm_cmdbuf_fill(self._handle, buffer._storage, buffer.byte_offset, buffer.nbytes, int(value)))
 
     def dispatch(
         self,
@@ -161,9 +165,11 @@ class CommandEncoder:
         ``threadgroup`` threads (ints or 1-3 ints each).
 
         ``buffers`` bind at indices 0.. at their own byte offsets;
-        ``constants`` bind after them (see ``_constant_bytes`` for how
-        Python values are packed). Metal only: the host backend has no
-        kernels to dispatch.
+        ``constants`` bind after them: Python ints as 32-bit ints (int32,
+        or uint32 from 2**31 up), floats as float32 and bools as uint8,
+        matching MSL's ``int``/``uint``/``float``/``bool``; numpy scalars
+        and arrays keep their own type; bytes-like objects bind as they
+        are. Metal only: the host backend has no kernels to dispatch.
         """
         from mlxbuf.compute import Kernel
 
@@ -182,7 +188,7 @@ class CommandEncoder:
             self._own(b, f"buffer {i}")
         blobs = [_constant_bytes(c, i) for i, c in enumerate(constants)]
         bufs = ffi.new("cm_storage_t *[]", [b._storage for b in buffers] or [ffi.NULL])
-        offsets = ffi.new("uint64_t[]", [b._byte_offset for b in buffers] or [0])
+        offsets = ffi.new("uint64_t[]", [b.byte_offset for b in buffers] or [0])
         consts = ffi.new("uint8_t[]", b"".join(blobs) or b"\0")
         sizes = ffi.new("uint64_t[]", [len(b) for b in blobs] or [0])
         check(

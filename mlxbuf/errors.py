@@ -11,6 +11,7 @@ __all__ = [
     "DeviceNotFound",
     "BufferAllocationError",
     "InvalidArgument",
+    "IndexOutOfBounds",
     "UnsupportedDtype",
     "ResidencySetError",
     "CommandBufferError",
@@ -39,7 +40,15 @@ class MlxError(Exception):
 
 
 class DeviceNotFound(MlxError):
-    """The requested backend has no device in this process (e.g. Metal on Linux)."""
+    """The requested backend has no device in this process (e.g. Metal on Linux),
+    or the device was opened in the process this one was forked from.
+
+    After ``os.fork()`` a device opened before the fork keeps its buffers'
+    memory readable and writable in the child, and dropping them works, but
+    its command queue and threads stayed in the parent: allocating on it,
+    encoding, committing, waiting, synchronizing, residency commits,
+    keep-alive and compute raise this error. Open a new Device in the child.
+    """
 
 
 class BufferAllocationError(MlxError, MemoryError):
@@ -56,6 +65,11 @@ class BufferAllocationError(MlxError, MemoryError):
 
 class InvalidArgument(MlxError, ValueError):
     """A value outside its limit: the message names the value and the limit."""
+
+
+class IndexOutOfBounds(MlxError, IndexError):
+    """An index past either end of an axis (``buf[i]``); the message names the
+    index and the axis size, as numpy's IndexError does."""
 
 
 class UnsupportedDtype(MlxError, TypeError):

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import gc
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, SupportsIndex
 
 from mlxbuf._cmetal import ffi, lib
-from mlxbuf.buffer import Buffer, _adopt, _int_arg, _prepare, _result, _shape_arg, _shape_fits, _tls
-from mlxbuf.dtypes import _LOOKUP as _DTYPES
-from mlxbuf.dtypes import as_dtype
-from mlxbuf.errors import InvalidArgument, check, error_for
+from mlxbuf.buffer import _NO_REQUEST, Buffer, _exact_shape, _int_arg, _plan_for, _recall, _result, _tls
+from mlxbuf.errors import InvalidArgument, MlxError, check, error_for
 
 if TYPE_CHECKING:
-    from mlxbuf.buffer import ShapeLike
+    from mlxbuf.buffer import ShapeLike, _LastRequest, _Layout, _Plan
     from mlxbuf.device import Device
     from mlxbuf.dtypes import DTypeLike
 
@@ -25,7 +24,16 @@ _release = lib.cm_storage_release
 _gc = ffi.gc
 _new = object.__new__
 _OOM = lib.CM_ERR_OUT_OF_MEMORY
-_U64_LIMIT = 1 << 64
+
+
+def _uint64s(values: array.array[int]) -> Any:
+    """A ``uint64_t[]`` cdata over an array("Q") (which it keeps alive)."""
+    return ffi.from_buffer("uint64_t[]", values)
+
+
+def _position(request: object, requests: list[Any]) -> int:
+    """The index of the first occurrence of ``request`` (the object itself) in ``requests``."""
+    return next(i for i, r in enumerate(requests) if r is request)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +73,8 @@ class BufferPool:
       Below 1 MiB the granule is 1/8 of n's power of two (at least 16 bytes):
       8 classes per power of two, waste under 12.5 % from 128 bytes up.
       From 1 MiB it is 1/64 of n's power of two (at least a page): waste
-      under 1.6 %, every class a whole number of pages. (The seed's
-      power-of-two buckets waste up to 100 %.)
+      under 1.6 %, every class a whole number of pages. (The Rust
+      mlx-native crate's power-of-two buckets waste up to 100 %.)
     - A cached storage of the class is reused when there is one (a hit,
       newest first), else a fresh, zero-filled one is allocated on the
       device (a miss).
@@ -84,19 +92,26 @@ class BufferPool:
       classes, are evicted first.
     - When the device runs out of memory (or hits its memory limit) C
       frees every pool cache and retries; Python then collects garbage once
-      and retries once before raising BufferAllocationError.
+      and retries once before raising BufferAllocationError. A request
+      above the device's max_buffer_length raises BufferAllocationError
+      at once.
+    - Each distinct request ``(byte_len, dtype, shape)`` is validated once
+      and its plan kept (at most a few hundred per pool), so a repeated
+      ``alloc`` costs about what a prepared ``allocator()`` does.
 
     Owns one C reference to the pool; storages it handed out keep the C
     pool alive. ``close()`` (idempotent; also on leaving a ``with`` block)
     frees the cache now. Safe to use from any thread; storages may return
-    from any thread.
+    from any thread. Not picklable (it is a cache of device memory).
     """
 
-    __slots__ = ("_device", "_handle", "__weakref__")
+    __slots__ = ("_device", "_handle", "_plans", "_last", "__weakref__")
 
     # The slots' types (annotations only, no class attributes).
     _device: Device
     _handle: Any
+    _plans: dict[Any, _Plan]  # validated requests (buffer._plan_for); emptied by close()
+    _last: _LastRequest  # the last request, its handle and layout (buffer._NO_REQUEST)
 
     def __init__(self, device: Device, cache_limit: SupportsIndex | None = None) -> None:
         from mlxbuf.device import Device
@@ -110,6 +125,11 @@ class BufferPool:
         check(lib.cm_pool_create(device._handle, limit, out))
         self._device = device
         self._handle = ffi.gc(out[0], lib.cm_pool_release)
+        self._plans = {}
+        self._last = _NO_REQUEST
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise TypeError("a BufferPool cannot be pickled: it caches device memory; make a new pool where needed")
 
     def _live_handle(self) -> Any:
         handle = self._handle
@@ -124,33 +144,33 @@ class BufferPool:
 
     # ---- allocation ----
 
-    def alloc(self, byte_len: SupportsIndex, dtype: DTypeLike, shape: ShapeLike, *, zero: bool = False) -> Buffer:
+    def alloc(self, byte_len: SupportsIndex, dtype: DTypeLike, shape: ShapeLike, zero: bool = False) -> Buffer:
         """A Buffer of ``byte_len``'s size class viewed as ``dtype``/``shape``.
 
         Cached storages are reused without re-zeroing unless ``zero=True``;
         fresh ones are zero-filled. The storage returns to the pool when its
         last reference dies.
         """
-        # The hot path of allocation churn: validation, the C call and the
-        # Buffer construction are inlined (the same steps as buffer._prepare
-        # and buffer._adopt) because every Python call here costs about as
-        # much as numpy.empty.
-        handle = self._handle
-        if handle is None:
-            self._live_handle()
-        try:
-            dt = _DTYPES[dtype]
-        except (KeyError, TypeError):
-            dt = as_dtype(dtype)
-        if type(shape) is tuple and len(shape) == 1 and type(shape[0]) is int and shape[0] >= 0:
-            count = shape[0]
-        else:
-            shape, count = _shape_arg(shape)
-        if type(byte_len) is not int or byte_len <= 0 or byte_len >= _U64_LIMIT:
-            byte_len = _int_arg(byte_len, "byte_len", minimum=1)
-        # The fast path's shape is a tuple of one int, which mypy cannot narrow to.
-        if count * dt.size > byte_len:
-            _shape_fits(dt, shape, count, byte_len)  # type: ignore[arg-type]
+        # The hot path of allocation churn: every Python step here costs a
+        # fair fraction of numpy.empty, so a repeated request reuses its
+        # validated plan (buffer._plan_for says when a plan counts as a hit)
+        # and the Buffer is built inline.
+        last_len, last_dtype, last_shape, handle, layout = self._last
+        if byte_len is not last_len or dtype is not last_dtype or shape is not last_shape:
+            # buffer._recall, inlined: a call here costs a tenth of the
+            # allocation for a loop over several scratch shapes.
+            try:
+                plan = self._plans[byte_len, dtype, shape]
+            except (KeyError, TypeError):
+                plan, byte_len = self._plan(byte_len, dtype, shape)
+                exact = plan[0] is shape
+            else:
+                exact = plan[0] is shape or _exact_shape(shape)
+                if type(byte_len) is not int or not exact:
+                    plan, byte_len = self._plan(byte_len, dtype, shape)
+            _, handle, layout = plan
+            if exact:
+                self._last = (byte_len, dtype, shape, handle, layout)
         try:
             res = _tls.res
         except AttributeError:
@@ -160,16 +180,22 @@ class BufferPool:
             self._alloc_failed(status, handle, byte_len, zero, res)
         # Read the shared per-thread result before allocating Python objects
         # (see Device.alloc_buffer).
-        storage = res.storage
-        class_len = res.byte_len
+        storage = _gc(res.storage, _release)
         buf = _new(Buffer)
         buf._device = self._device
-        buf._storage = _gc(storage, _release, class_len)
-        buf._dtype = dt
-        buf._shape = shape  # type: ignore[assignment]  # (int,): see above
-        buf._byte_offset = 0
-        buf._byte_len = class_len
+        buf._storage = storage
+        buf._layout = layout
         return buf
+
+    def _plan(self, byte_len: Any, dtype: Any, shape: Any) -> tuple[_Plan, int]:
+        handle = self._live_handle()
+
+        def size_class(n: int) -> int:
+            out = ffi.new("uint64_t *")
+            check(lib.cm_pool_size_class(handle, n, out), bytes=n)
+            return int(out[0])
+
+        return _plan_for(self._plans, handle, byte_len, dtype, shape, size_class)
 
     def _alloc_failed(self, status: int, handle: Any, byte_len: int, zero: bool, res: Any) -> None:
         if status == _OOM:
@@ -187,18 +213,19 @@ class BufferPool:
         """A function of no arguments that allocates ``alloc(byte_len, dtype, shape)``.
 
         For the fixed scratch shapes of a decode loop: the request is
-        validated once, here, and each call then costs only the C allocation
-        and the Buffer, about a quarter less than ``alloc()``. Calling it
-        after ``close()`` raises InvalidArgument, like ``alloc()``.
+        validated here, and each call then costs only the C allocation and
+        the Buffer (``alloc`` of a repeated request comes close, through
+        its kept plan). Calling it after ``close()`` raises InvalidArgument,
+        like ``alloc()``.
         """
-        byte_len, dt, shape = _prepare(byte_len, dtype, shape)
-        handle = self._live_handle()
+        plan, n = self._plan(byte_len, dtype, shape)
+        _, handle, layout = plan
         device = self._device
         zero_flag = 1 if zero else 0
         pool = self
 
         def allocate() -> Buffer:
-            # The same steps as alloc() after its validation (kept inline:
+            # The same steps as alloc() after its plan lookup (kept inline:
             # a helper call here would cost a tenth of the allocation).
             if pool._handle is None:
                 pool._live_handle()
@@ -206,21 +233,17 @@ class BufferPool:
                 res = _tls.res
             except AttributeError:
                 res = _result()
-            status = _pool_alloc(handle, byte_len, zero_flag, res)
+            status = _pool_alloc(handle, n, zero_flag, res)
             if status:
-                pool._alloc_failed(status, handle, byte_len, zero, res)
-            storage = res.storage
-            class_len = res.byte_len
+                pool._alloc_failed(status, handle, n, zero, res)
+            storage = _gc(res.storage, _release)
             buf = _new(Buffer)
             buf._device = device
-            buf._storage = _gc(storage, _release, class_len)
-            buf._dtype = dt
-            buf._shape = shape
-            buf._byte_offset = 0
-            buf._byte_len = class_len
+            buf._storage = storage
+            buf._layout = layout
             return buf
 
-        allocate.__qualname__ = f"BufferPool.allocator({byte_len}, {dt}, {shape})"
+        allocate.__qualname__ = f"BufferPool.allocator({n}, {layout[0]}, {layout[1]})"
         return allocate
 
     def alloc_batch(
@@ -228,6 +251,10 @@ class BufferPool:
     ) -> list[Buffer]:
         """A list of Buffers for ``requests`` of ``(byte_len, dtype, shape)``: all or nothing.
 
+        The fastest way to get many buffers: each distinct request is
+        validated once (``[(4096, "f32", (1024,))] * 64`` is one request,
+        and its plan is the one ``alloc`` keeps), everything is allocated
+        in one C call, and building the Buffers is the only work per buffer.
         Every request is validated before anything is allocated; the
         allocations stage at most one residency change set (one commit).
         """
@@ -236,25 +263,78 @@ class BufferPool:
             requests = list(requests)
         except TypeError:
             raise InvalidArgument(f"requests must be an iterable of (byte_len, dtype, shape), got {requests!r}") from None
-        checked = []
-        for i, request in enumerate(requests):
-            try:
-                byte_len, dtype, shape = request
-            except (TypeError, ValueError):
-                raise InvalidArgument(f"request {i} must be (byte_len, dtype, shape), got {request!r}") from None
-            checked.append(_prepare(byte_len, dtype, shape))
-        n = len(checked)
-        if n == 0:
+        count = len(requests)
+        if count == 0:
             return []
-        lens = ffi.new("uint64_t[]", [c[0] for c in checked])
-        results = ffi.new("cm_alloc_result_t[]", n)
-        status = lib.cm_pool_alloc_batch(handle, lens, n, 1 if zero else 0, results)
+        lens, layout, layouts = self._batch_plans(requests, count)
+        results = ffi.new("cm_alloc_result_t[]", count)
+        zero_flag = 1 if zero else 0
+        status = lib.cm_pool_alloc_batch(handle, lens, count, zero_flag, results)
         if status == _OOM:
             gc.collect()
-            status = lib.cm_pool_alloc_batch(handle, lens, n, 1 if zero else 0, results)
+            status = lib.cm_pool_alloc_batch(handle, lens, count, zero_flag, results)
         if status:
-            raise error_for(status, bytes=sum(c[0] for c in checked))
-        return [_adopt(Buffer, self._device, results + i, dt, shape) for i, (_, dt, shape) in enumerate(checked)]
+            raise error_for(status, bytes=sum(lens[0:count]))
+        device = self._device
+        out: list[Buffer] = []
+        append = out.append
+        try:
+            if layouts is None:
+                for r in results:
+                    buf = _new(Buffer)
+                    buf._device = device
+                    buf._storage = _gc(r.storage, _release)
+                    buf._layout = layout
+                    append(buf)
+            else:
+                for r, layout in zip(results, layouts):
+                    buf = _new(Buffer)
+                    buf._device = device
+                    buf._storage = _gc(r.storage, _release)
+                    buf._layout = layout
+                    append(buf)
+        except BaseException:
+            # Interrupted (KeyboardInterrupt, MemoryError): the references
+            # not yet owned by a Buffer go back now.
+            for r in results[len(out) :]:
+                _release(r.storage)
+            raise
+        return out
+
+    def _batch_plans(self, requests: list[Any], count: int) -> tuple[Any, _Layout, list[_Layout] | None]:
+        """``(uint64_t[] of byte_lens, layout, layouts)``: ``layouts`` is None
+        when every request is the first one (all get ``layout``), else one
+        layout per request.
+
+        One plan per distinct request object, and the per-request steps in
+        C (map, dict, array) rather than Python bytecode; the common case,
+        one request object repeated, needs no dict at all.
+        """
+        first = requests[0]
+        for request in requests:
+            if request is not first:
+                break
+        else:
+            byte_len, layout = self._batch_plan(first, requests, count)
+            return _uint64s(array.array("Q", [byte_len]) * count), layout, None
+        ids = list(map(id, requests))
+        planned = {key: self._batch_plan(r, requests, count) for key, r in dict(zip(ids, requests)).items()}
+        lens = _uint64s(array.array("Q", [planned[i][0] for i in ids]))
+        return lens, planned[ids[0]][1], [planned[i][1] for i in ids]
+
+    def _batch_plan(self, request: Any, requests: list[Any], count: int) -> tuple[int, _Layout]:
+        """``(byte_len, layout)`` of one batch request; errors name its position."""
+        try:
+            byte_len, dtype, shape = request
+        except (TypeError, ValueError):
+            index = _position(request, requests)
+            raise InvalidArgument(f"request {index} must be (byte_len, dtype, shape), got {request!r}") from None
+        try:
+            _, layout, byte_len = _recall(self, byte_len, dtype, shape)
+        except MlxError as exc:
+            exc.args = (f"batch request {_position(request, requests)} of {count}: {exc}", *exc.args[1:])
+            raise
+        return byte_len, layout
 
     def register_existing(self, buffer: Buffer) -> None:
         """Add ``buffer``'s storage to the device's residency set without pooling it.
@@ -283,6 +363,8 @@ class BufferPool:
         """Free the cache now and drop the pool; idempotent. Buffers still in
         use stay valid and are freed (not cached) when their last reference dies."""
         handle, self._handle = self._handle, None
+        self._plans = {}
+        self._last = _NO_REQUEST
         if handle is not None:
             # Not ffi.release(handle): another thread may be inside alloc()
             # with this handle, and releasing would free the C pool under
@@ -309,7 +391,7 @@ class BufferPool:
         """The byte_len a request of n bytes gets from this pool."""
         n = _int_arg(n, "request size")
         out = ffi.new("uint64_t *")
-        check(lib.cm_pool_size_class(self._live_handle(), n, out))
+        check(lib.cm_pool_size_class(self._live_handle(), n, out), bytes=n)
         return out[0]
 
     def stats(self) -> PoolStats:

@@ -74,6 +74,9 @@ class ResidencySet:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError("a ResidencySet is obtained from Device.residency_set")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise TypeError("a ResidencySet cannot be pickled: pickle its Device and read residency_set there")
+
     @classmethod
     def _for_device(cls, device: Device) -> ResidencySet:
         rs = cls.__new__(cls)

@@ -4,9 +4,13 @@ import ctypes
 import gc
 import mmap
 import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def assert_names(excinfo, *fragments):
@@ -54,3 +58,19 @@ def page_aligned_ctypes(n):
     mapping (page-aligned; the array keeps the mapping alive)."""
     mapping = mmap.mmap(-1, max(n, mmap.PAGESIZE))
     return (ctypes.c_uint8 * n).from_buffer(mapping)
+
+
+def run_clean(script, timeout=120, **env):
+    """Run script in a fresh interpreter (``-X dev``: the debug allocator
+    and every warning on) with extra environment; assert status 0, an empty
+    stderr and "ok" as the last line of stdout; return stdout. A run longer
+    than `timeout` seconds fails the test (subprocess.TimeoutExpired)
+    instead of hanging it."""
+    full_env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
+    proc = subprocess.run(
+        [sys.executable, "-X", "dev", "-c", script], capture_output=True, text=True, env=full_env, timeout=timeout
+    )
+    assert proc.returncode == 0, f"exit status {proc.returncode}\nstderr:\n{proc.stderr}"
+    assert proc.stderr == "", proc.stderr
+    assert proc.stdout.splitlines()[-1:] == ["ok"], proc.stdout
+    return proc.stdout

@@ -63,11 +63,11 @@ CASES = [
     # ---- Device ------------------------------------------------------------------------
     row("Device(int)", lambda c: mlxbuf.Device(3), mlxbuf.InvalidArgument, "3", "'host'"),
     row("Device(bytes)", lambda c: mlxbuf.Device(b"host"), mlxbuf.InvalidArgument, "b'host'"),
-    row("alloc 2**64-1", lambda c: c.dev.alloc_buffer(U64 - 1, "u8", (1,)), mlxbuf.InvalidArgument,
+    row("alloc 2**64-1", lambda c: c.dev.alloc_buffer(U64 - 1, "u8", (1,)), mlxbuf.BufferAllocationError,
         str(U64 - 1), "maximum buffer length"),
     row("alloc 2**63 as numpy", lambda c: c.dev.alloc_buffer(np.uint64(1 << 63), "u8", (1,)),
-        mlxbuf.InvalidArgument, str(1 << 63)),
-    row("alloc max+1", lambda c: c.dev.alloc_buffer(c.max + 1, "u8", (1,)), mlxbuf.InvalidArgument,
+        mlxbuf.BufferAllocationError, str(1 << 63)),
+    row("alloc max+1", lambda c: c.dev.alloc_buffer(c.max + 1, "u8", (1,)), mlxbuf.BufferAllocationError,
         "maximum buffer length"),
     row("alloc shape product 2**96", lambda c: c.dev.alloc_buffer(4096, "u8", BIG_SHAPE), mlxbuf.InvalidArgument,
         str(BIG), "4096"),
@@ -100,9 +100,11 @@ CASES = [
     row("pool of a str", lambda c: mlxbuf.BufferPool("host"), mlxbuf.InvalidArgument, "'host'"),
     row("pool cache 2**63", lambda c: mlxbuf.BufferPool(c.dev, 1 << 63), mlxbuf.InvalidArgument, str(1 << 63)),
     row("pool cache str", lambda c: mlxbuf.BufferPool(c.dev, "big"), mlxbuf.InvalidArgument, "'big'"),
-    row("pool alloc 2**64-1", lambda c: c.pool.alloc(U64 - 1, "u8", (1,)), mlxbuf.InvalidArgument, str(U64 - 1)),
+    row("pool alloc 2**64-1", lambda c: c.pool.alloc(U64 - 1, "u8", (1,)), mlxbuf.BufferAllocationError,
+        str(U64 - 1), "maximum buffer length"),
     row("pool alloc shape 2**96", lambda c: c.pool.alloc(16, "u8", BIG_SHAPE), mlxbuf.InvalidArgument, str(BIG)),
-    row("pool size_class 2**64-1", lambda c: c.pool.size_class(U64 - 1), mlxbuf.InvalidArgument, str(U64 - 1)),
+    row("pool size_class 2**64-1", lambda c: c.pool.size_class(U64 - 1), mlxbuf.BufferAllocationError,
+        str(U64 - 1)),
     row("pool size_class 2**64", lambda c: c.pool.size_class(U64), mlxbuf.InvalidArgument, str(U64)),
     row("pool size_class 0", lambda c: c.pool.size_class(0), mlxbuf.InvalidArgument, "0 bytes"),
     row("pool set_cache_limit -1", lambda c: c.pool.set_cache_limit(-1), mlxbuf.InvalidArgument, "-1"),
@@ -111,7 +113,7 @@ CASES = [
     row("batch request not a triple", lambda c: c.pool.alloc_batch([(16, "u8", (1,)), 7]), mlxbuf.InvalidArgument,
         "request 1", "7"),
     row("batch 2**64-1", lambda c: c.pool.alloc_batch([(16, "u8", (1,)), (U64 - 1, "u8", (1,))]),
-        mlxbuf.InvalidArgument, "batch request 1 of 2", str(U64 - 1)),
+        mlxbuf.BufferAllocationError, "batch request 1 of 2", str(U64 - 1)),
     row("batch shape 2**96", lambda c: c.pool.alloc_batch([(16, "u8", BIG_SHAPE)]), mlxbuf.InvalidArgument, str(BIG)),
     row("register an int", lambda c: c.pool.register_existing(5), mlxbuf.InvalidArgument, "5"),
     row("register foreign", lambda c: c.pool.register_existing(c.foreign), mlxbuf.InvalidArgument, "another device"),
@@ -288,7 +290,7 @@ def test_size_class_at_the_device_maximum(device, pool):
     top = device.max_buffer_length
     assert pool.size_class(top) == top
     assert pool.size_class(top - 1) == top  # a class past the maximum falls back to the page
-    with pytest.raises(mlxbuf.InvalidArgument) as exc:
+    with pytest.raises(mlxbuf.BufferAllocationError) as exc:
         pool.size_class(top + 1)
     assert_names(exc, top + 1, top)
 

@@ -69,28 +69,47 @@ def test_buffers_cannot_be_constructed_directly():
 def test_clone_shares_the_storage(device):
     buf = device.alloc_buffer(4096, "u32", (1024,))
     twin = buf.clone()
-    shallow = copy.copy(buf)
     assert twin is not buf and twin != buf
-    assert twin.contents_ptr == shallow.contents_ptr == buf.contents_ptr
+    assert twin.contents_ptr == buf.contents_ptr
     twin.numpy()[5] = 77
-    assert buf.numpy()[5] == 77 and shallow.numpy()[5] == 77
+    assert buf.numpy()[5] == 77
     assert device.active_memory == 4096
-    del buf, twin
+    del buf
     gc.collect()
-    assert device.active_memory == 4096  # the copy.copy still holds it
-    del shallow
+    assert device.active_memory == 4096  # the clone still holds it
+    del twin
     assert device.active_memory == 0
 
 
-def test_deepcopy_copies_the_bytes(device):
+@pytest.mark.parametrize("how", [copy.copy, copy.deepcopy, mlxbuf.Buffer.copy], ids=["copy", "deepcopy", "method"])
+def test_copies_hold_the_views_bytes_in_a_new_storage(device, how):
+    # numpy's copies: the view's bytes only, in memory shared with nothing.
     buf = device.alloc_buffer(4096, "u8", (100,))
-    buf.numpy()[:] = 9
-    deep = copy.deepcopy(buf.slice_view(10, 50))
-    assert deep.contents_ptr != buf.contents_ptr
-    assert deep.byte_offset == 10 and deep.shape == (50,)
-    assert (deep.numpy() == 9).all()
-    deep.numpy()[:] = 1
-    assert (buf.numpy() == 9).all()
+    buf.numpy()[:] = np.arange(100)
+    view = buf.slice_view(10, 50).view("u8", (5, 10))
+    dup = how(view)
+    assert dup.device is device and dup.storage_kind == "device"
+    assert dup.contents_ptr != buf.contents_ptr
+    assert (dup.dtype, dup.shape, dup.byte_offset, dup.byte_len) == (DType.U8, (5, 10), 0, 50)
+    assert dup.numpy().ravel().tolist() == list(range(10, 60))
+    dup.numpy()[:] = 1
+    assert buf.numpy().tolist() == list(range(100))
+    assert device.active_memory == 4096 + 50
+
+
+def test_copy_waits_for_submitted_writers(device):
+    buf = device.alloc_buffer(1 << 20, "u8", (1 << 20,))
+    with device.command_encoder() as enc:
+        enc.fill(buf, 7)
+        enc.commit()
+        dup = buf.copy()
+    assert (dup.numpy() == 7).all()
+
+
+def test_copy_of_an_empty_view(device):
+    buf = device.alloc_buffer(64, "f32", (16,))
+    dup = buf[3:3].copy()
+    assert dup.shape == (0,) and dup.nbytes == 0 and dup.byte_len == 4
 
 
 def test_slice_views_start_at_their_offset_on_the_cpu(device):
@@ -246,10 +265,14 @@ def test_bad_allocations(device, args, cls, fragments):
     assert device.alloc_buffer(16, "u8", (16,)).numpy().sum() == 0
 
 
-def test_above_max_buffer_length(device):
+def test_above_max_buffer_length_is_a_memory_error(device):
+    # numpy, CuPy and PyTorch raise MemoryError for an allocation the
+    # device cannot satisfy; the message still names the size and the limit.
     too_big = device.max_buffer_length + 1
-    with pytest.raises(mlxbuf.InvalidArgument) as exc:
+    with pytest.raises(mlxbuf.BufferAllocationError) as exc:
         device.alloc_buffer(too_big, "u8", (1,))
+    assert isinstance(exc.value, MemoryError) and not isinstance(exc.value, ValueError)
+    assert exc.value.bytes == too_big
     assert_names(exc, too_big, device.max_buffer_length)
     assert device.active_memory == 0
 

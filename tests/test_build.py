@@ -41,5 +41,5 @@ def test_every_header_parses_and_every_source_exists():
     assert build.HEADERS[0] == "cmetal/cmetal.h"
     for src in build.SOURCES:
         assert os.path.exists(os.path.join(ROOT, src))
-    assert "cmetal/core.c" in build.SOURCES and "cmetal/host.c" in build.SOURCES
+    assert "cmetal/device.c" in build.SOURCES and "cmetal/host.c" in build.SOURCES
     assert build.MODULE_NAME == "mlxbuf._cmetal"

@@ -105,7 +105,7 @@ def test_unknown_status_keeps_the_raw_code():
 
 
 def test_check_uses_the_thread_local_c_message(host_device):
-    with pytest.raises(mlxbuf.InvalidArgument) as exc:
+    with pytest.raises(mlxbuf.BufferAllocationError) as exc:
         host_device.alloc_buffer(host_device.max_buffer_length + 1, "u8", (1,))
-    assert exc.value.status == lib.CM_ERR_INVALID_ARGUMENT
+    assert exc.value.status == lib.CM_ERR_OUT_OF_MEMORY
     assert_names(exc, host_device.max_buffer_length + 1, host_device.max_buffer_length)

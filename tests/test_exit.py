@@ -17,19 +17,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(script, **env):
-    """Run script in a fresh interpreter; assert a clean exit; return stdout."""
-    full_env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
-    proc = subprocess.run(
-        [sys.executable, "-X", "dev", "-c", script], capture_output=True, text=True, env=full_env, timeout=120
-    )
-    assert proc.returncode == 0, f"exit status {proc.returncode}\nstderr:\n{proc.stderr}"
-    assert proc.stderr == "", proc.stderr
-    assert proc.stdout.splitlines()[-1:] == ["ok"], proc.stdout
-    return proc.stdout
+from support import ROOT, run_clean as run
 
 
 def test_live_file_mappings(tmp_path):
@@ -108,15 +96,14 @@ print("ok")
 
 
 def test_forked_child_exits_with_the_parents_objects():
-    """The child inherits a device whose queue thread stayed in the parent;
-    ending the child normally (finalizers run) must not wait for it."""
+    """The child inherits a device whose queue and keep-alive threads stayed
+    in the parent; ending the child normally (finalizers run) must not wait
+    for them. (tests/test_fork.py covers what a child may do.)"""
     run(
         """
 import os, sys, mlxbuf
 dev = mlxbuf.Device("host")
-# No keep-alive here: fork() while its thread holds the device lock would
-# leave that lock held in the child (POSIX fork copies only the calling
-# thread), the documented limit of forking with mlxbuf threads running.
+dev.set_residency_keepalive(60, 0.001)
 pool = mlxbuf.BufferPool(dev)
 bufs = [pool.alloc(4096, "u8", (4096,)) for _ in range(3)]
 with dev.command_encoder() as enc:
@@ -124,7 +111,7 @@ with dev.command_encoder() as enc:
 views = [b.numpy() for b in bufs]
 pid = os.fork()
 if pid == 0:
-    mine = dev.alloc_buffer(4096, "u8", (4096,))
+    mine = mlxbuf.Device("host").alloc_buffer(4096, "u8", (4096,))
     mine.numpy()[:] = views[0]
     assert mine.numpy()[0] == 7
     del bufs, pool

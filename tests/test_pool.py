@@ -211,7 +211,7 @@ def test_alloc_batch_is_all_or_nothing(device, pool):
     with pytest.raises(mlxbuf.InvalidArgument) as exc:
         pool.alloc_batch([(4096, "u8", (1,)), (4096, "u8")])
     assert_names(exc, "request 1")
-    with pytest.raises(mlxbuf.InvalidArgument):
+    with pytest.raises(mlxbuf.BufferAllocationError):
         pool.alloc_batch([(4096, "u8", (1,)), (device.max_buffer_length + 1, "u8", (1,))])
     assert counts(pool) == before
     device._debug_fail_alloc(min_bytes=MIB)
@@ -360,9 +360,10 @@ def test_bad_requests_leave_counts_unchanged(device, pool, args, cls, fragments)
 
 def test_request_above_max_buffer_length(device, pool):
     before = counts(pool)
-    with pytest.raises(mlxbuf.InvalidArgument) as exc:
+    with pytest.raises(mlxbuf.BufferAllocationError) as exc:
         pool.alloc(device.max_buffer_length + 1, "u8", (1,))
-    assert_names(exc, device.max_buffer_length + 1)
+    assert exc.value.bytes == device.max_buffer_length + 1
+    assert_names(exc, device.max_buffer_length + 1, device.max_buffer_length)
     assert counts(pool) == before
 
 

@@ -1,16 +1,14 @@
 /*
  * test_core.c -- the C core and host backend through the public ABI only.
  *
- * Plain C, no framework: CHECK prints the failing expression with the
- * thread's last C error and counts it; main returns non-zero if anything
- * failed. Built and run by tests/c/run.sh (ASan + UBSan, optionally
- * valgrind). No timing assertions: waits are bounded polls that only
- * fail when something never happens.
+ * CHECK and the runner are in check.h. Built and run by tests/c/run.sh
+ * (ASan + UBSan, optionally valgrind). No timing assertions: waits are
+ * bounded polls that only fail when something never happens.
  */
 #define _DEFAULT_SOURCE 1
 #define _DARWIN_C_SOURCE 1
 
-#include "cmetal.h"
+#include "check.h"
 #include "internal.h" /* only for the failing-submit backend below */
 
 #include <inttypes.h>
@@ -24,47 +22,10 @@
 #include <time.h>
 #include <unistd.h>
 
-static int failures;
-static int checks;
-
-#define CHECK(cond)                                                                      \
-    do {                                                                                 \
-        checks++;                                                                        \
-        if (!(cond)) {                                                                   \
-            failures++;                                                                  \
-            fprintf(stderr, "%s:%d: CHECK failed: %s (last error %d: %s)\n", __FILE__,   \
-                    __LINE__, #cond, cm_last_status(), cm_last_error());                 \
-        }                                                                                \
-    } while (0)
-
-#define CHECK_OK(expr) CHECK((expr) == CM_OK)
-#define CHECK_EQ_U(a, b)                                                                 \
-    do {                                                                                 \
-        uint64_t a_ = (uint64_t)(a), b_ = (uint64_t)(b);                                 \
-        checks++;                                                                        \
-        if (a_ != b_) {                                                                  \
-            failures++;                                                                  \
-            fprintf(stderr, "%s:%d: CHECK failed: %s == %s (%" PRIu64 " != %" PRIu64     \
-                            ")\n",                                                       \
-                    __FILE__, __LINE__, #a, #b, a_, b_);                                 \
-        }                                                                                \
-    } while (0)
-#define CHECK_MSG(sub) CHECK(strstr(cm_last_error(), (sub)) != NULL)
-
 static void sleep_ms(long ms)
 {
     struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
     nanosleep(&ts, NULL);
-}
-
-static cm_device_t *open_host(int flags)
-{
-    cm_device_t *dev = NULL;
-    if (cm_device_open(CM_BACKEND_HOST, flags, &dev) != CM_OK) {
-        fprintf(stderr, "cannot open host device: %s\n", cm_last_error());
-        exit(2);
-    }
-    return dev;
 }
 
 static cm_device_stats_t stats(cm_device_t *dev)
@@ -93,14 +54,6 @@ static cm_storage_info_t sinfo(cm_storage_t *s)
     cm_storage_info_t i;
     cm_storage_info(s, &i);
     return i;
-}
-
-static bool all_bytes(const uint8_t *p, uint64_t n, uint8_t v)
-{
-    for (uint64_t i = 0; i < n; i++)
-        if (p[i] != v)
-            return false;
-    return true;
 }
 
 /* ------------------------------------------------------------------ */
@@ -175,9 +128,9 @@ static void test_alloc_zero_align(void)
     CHECK(cm_storage_alloc(dev, 0, &bad) == CM_ERR_INVALID_ARGUMENT);
     CHECK_MSG("0 bytes");
     CHECK(bad.storage == NULL);
-    CHECK(cm_storage_alloc(dev, info.max_buffer_length + 1, &bad) == CM_ERR_INVALID_ARGUMENT);
+    CHECK(cm_storage_alloc(dev, info.max_buffer_length + 1, &bad) == CM_ERR_OUT_OF_MEMORY);
     CHECK_MSG("maximum buffer length");
-    CHECK(cm_storage_alloc(dev, UINT64_MAX, &bad) == CM_ERR_INVALID_ARGUMENT);
+    CHECK(cm_storage_alloc(dev, UINT64_MAX, &bad) == CM_ERR_OUT_OF_MEMORY);
     CHECK_MSG("18446744073709551615 bytes");
     CHECK_EQ_U(stats(dev).live_storages, 0);
     cm_storage_release(NULL);
@@ -677,12 +630,12 @@ static void test_pool_basics(void)
     /* Bad requests leave the counts unchanged. */
     cm_pool_stats_t before = pstats(pool);
     CHECK(cm_pool_alloc(pool, 0, 0, &b) == CM_ERR_INVALID_ARGUMENT);
-    CHECK(cm_pool_alloc(pool, UINT64_MAX, 0, &b) == CM_ERR_INVALID_ARGUMENT);
+    CHECK(cm_pool_alloc(pool, UINT64_MAX, 0, &b) == CM_ERR_OUT_OF_MEMORY);
     CHECK_MSG("18446744073709551615 bytes");
-    CHECK(cm_pool_alloc(pool, info.max_buffer_length + 1, 0, &b) == CM_ERR_INVALID_ARGUMENT);
+    CHECK(cm_pool_alloc(pool, info.max_buffer_length + 1, 0, &b) == CM_ERR_OUT_OF_MEMORY);
     uint64_t lens[3] = {4096, UINT64_MAX - 1, 100};
     cm_alloc_result_t br[3];
-    CHECK(cm_pool_alloc_batch(pool, lens, 3, 0, br) == CM_ERR_INVALID_ARGUMENT);
+    CHECK(cm_pool_alloc_batch(pool, lens, 3, 0, br) == CM_ERR_OUT_OF_MEMORY);
     CHECK_MSG("batch request 1 of 3");
     CHECK(br[0].storage == NULL);
     cm_pool_stats_t after = pstats(pool);
@@ -694,7 +647,7 @@ static void test_pool_basics(void)
     CHECK_EQ_U(cls, info.max_buffer_length);
     CHECK_OK(cm_pool_size_class(pool, info.max_buffer_length - info.page_size * 3 - 1, &cls));
     CHECK(cls <= info.max_buffer_length && cls % info.page_size == 0);
-    CHECK(cm_pool_size_class(pool, UINT64_MAX, &cls) == CM_ERR_INVALID_ARGUMENT);
+    CHECK(cm_pool_size_class(pool, UINT64_MAX, &cls) == CM_ERR_OUT_OF_MEMORY);
 
     /* Batch. */
     uint64_t ok_lens[4] = {100, 4096, 70000, 1 << 20};
@@ -1307,10 +1260,7 @@ static void test_synchronize_after_failed_submit(void)
 
 int main(void)
 {
-    struct {
-        const char *name;
-        void (*fn)(void);
-    } tests[] = {
+    static const test_case_t tests[] = {
         {"device_info", test_device_info},
         {"alloc_zero_align", test_alloc_zero_align},
         {"refcounts", test_refcounts},
@@ -1329,11 +1279,5 @@ int main(void)
         {"destroy_from_worker", test_destroy_from_worker},
         {"sync_after_failed_submit", test_synchronize_after_failed_submit},
     };
-    for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
-        int before = failures;
-        tests[i].fn();
-        printf("%-28s %s\n", tests[i].name, failures == before ? "ok" : "FAILED");
-    }
-    printf("%d checks, %d failed\n", checks, failures);
-    return failures == 0 ? 0 : 1;
+    return run_tests(tests, sizeof tests / sizeof tests[0]);
 }
