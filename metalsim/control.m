@@ -18,6 +18,26 @@ msim_counters_t msim__c;
 static pthread_mutex_t sim_lock = PTHREAD_RECURSIVE_MUTEX_INITIALIZER_NP;
 static pthread_cond_t sim_cond;
 
+/* (Re)initialise the simulator's locks: at load, and in a forked child,
+ * where a recursive mutex locked by the parent's thread cannot be
+ * unlocked (its owner is a thread the child does not have). */
+static pthread_mutex_t log_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void init_locks(void)
+{
+    pthread_mutexattr_t mattr;
+    pthread_mutexattr_init(&mattr);
+    pthread_mutexattr_settype(&mattr, PTHREAD_MUTEX_RECURSIVE);
+    pthread_mutex_init(&sim_lock, &mattr);
+    pthread_mutexattr_destroy(&mattr);
+    pthread_condattr_t cattr;
+    pthread_condattr_init(&cattr);
+    pthread_condattr_setclock(&cattr, CLOCK_MONOTONIC);
+    pthread_cond_init(&sim_cond, &cattr);
+    pthread_condattr_destroy(&cattr);
+    pthread_mutex_init(&log_lock, NULL);
+}
+
 void msim__lock(void)
 {
     pthread_mutex_lock(&sim_lock);
@@ -259,7 +279,6 @@ bool msim__entry_nullable(id self, SEL cmd)
 
 static char *log_ring[MSIM_LOG_KEEP];    /* guarded by log_lock */
 static uint64_t log_total;
-static pthread_mutex_t log_lock = PTHREAD_MUTEX_INITIALIZER;
 
 void msim__invalid(const char *rule, const char *fmt, ...)
 {
@@ -429,18 +448,13 @@ static void atfork_parent(void)
 
 static void atfork_child(void)
 {
-    pthread_mutex_unlock(&sim_lock);
-    pthread_mutex_unlock(&log_lock);
+    init_locks();
     msim__gpu_atfork_child();
 }
 
 __attribute__((constructor)) static void msim_init(void)
 {
-    pthread_condattr_t attr;
-    pthread_condattr_init(&attr);
-    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
-    pthread_cond_init(&sim_cond, &attr);
-    pthread_condattr_destroy(&attr);
+    init_locks();
     set_defaults_locked();
     msim__install_runtime_hooks();
     msim__builtin_kernels_register();
