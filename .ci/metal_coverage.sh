@@ -21,17 +21,17 @@ for tool in clang-19 llvm-cov-19; do
 done
 
 step "coverage build of the simulator variant (scratch copy)"
-scratch=$(mktemp -d)
+# shellcheck source=.ci/sanitizer_lib.sh
+. "$root/.ci/sanitizer_lib.sh"
+scratch=$(scratch_copy "$root")
 trap 'rm -rf "$scratch"' EXIT
-tar -C "$root" --exclude=./.git --exclude='./.venv*' --exclude='*.so' \
-    --exclude=./build --exclude='__pycache__' -cf - . | tar -C "$scratch" -xf -
 (cd "$scratch" && MLXBUF_METAL_SIM=1 MLXBUF_COVERAGE=1 "$py" build_ffi.py)
 
 step "the suite on the simulated Metal"
 (cd "$scratch" && MLXBUF_BACKEND=metal "$py" -m pytest -q -p no:cacheprovider tests)
 
 step "line coverage of cmetal/metal.m"
-obj=$(ls "$scratch"/build/metalsim/*/metal.o)
+obj=$(ls "$scratch"/.metalsim-build/*/metal.o)
 (cd "$scratch" && llvm-cov-19 gcov -o "${obj%.o}" cmetal/metal.m >/dev/null)
 "$py" - "$scratch/metal.m.gcov" "$min" <<'PY'
 import sys

@@ -4,12 +4,13 @@ Used by build_ffi.py for a simulator build (MLXBUF_METAL_SIM=1) and by the
 simulator's own rule tests, which link the same objects into a small
 executable. One place holds the flags, so every user compiles alike.
 
-Objects are cached in build/metalsim/<key>/, keyed by the compiler, the
-flags and the text of every source and header involved, so repeated builds
-(pip runs build_ffi.py several times per install) compile once. An object
-counts only once its ".done" stamp exists; it is compiled under its final
-name, because a coverage build (--coverage) records that path for its
-.gcda data.
+Objects are cached in .metalsim-build/<key>/ (not under build/: a build/
+directory in the project root would shadow `python -m build`), keyed by
+the compiler, the flags and the text of every source and header involved,
+so repeated builds (pip runs build_ffi.py several times per install)
+compile once. An object counts only once its ".done" stamp exists; it is
+compiled under its final name, because a coverage build (--coverage)
+records that path for its .gcda data.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def build_objects(
                  "-I", str(ROOT / "cmetal"), *extra]
         jobs.append((ROOT / "cmetal" / "metal.m", metal))
     headers = _headers()
-    out_root = out_root or ROOT / "build" / "metalsim"
+    out_root = out_root or ROOT / ".metalsim-build"
     objects = []
     todo = []
     for src, flags in jobs:

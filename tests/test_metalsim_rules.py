@@ -49,7 +49,7 @@ def rules_program():
         if os.environ.get("CI"):
             pytest.fail(f"{reason}. CI must run them, so this is a failure, not a skip.", pytrace=False)
         pytest.skip(reason)
-    return build.build_executable([RULES_SOURCE], ROOT / "build" / "metalsim" / "rules", ["-O1"])
+    return build.build_executable([RULES_SOURCE], ROOT / ".metalsim-build" / "rules", ["-O1"])
 
 
 def test_the_driver_lists_every_case(rules_program):
