@@ -251,6 +251,15 @@ class BufferMachine(RuleBasedStateMachine):
         cache's order (and evictions) a race the model cannot follow."""
         return s.pool is None or self._pool_certain(s.pool)
 
+    def _may_orphan(self, s):
+        """Whether s may become an orphan now (only in-flight work holding
+        it). A second orphan of one pool could die before or after the
+        first: each dies when its work completes or, if that already
+        happened, when its last handle goes, so the cache's order would be
+        a race the model cannot follow."""
+        inflight_only = bool(s.holds) and all(e.state == "inflight" for e in s.holds)
+        return not inflight_only or s.pool is None or self._pool_certain(s.pool)
+
     def _may_release(self, e):
         """Whether releasing e's holds now only kills storages that may die."""
         return all(self._may_return(s) for s in e.holds if s.handles == 0 and s.holds == [e])
@@ -641,7 +650,7 @@ class BufferMachine(RuleBasedStateMachine):
         if hid is None:
             return
         s = self.handles[hid].s
-        if s.handles == 1 and not s.holds and not self._may_return(s):
+        if s.handles == 1 and (not s.holds and not self._may_return(s) or not self._may_orphan(s)):
             return
         self._drop_handle(hid)
 
@@ -652,7 +661,7 @@ class BufferMachine(RuleBasedStateMachine):
         if hid is None:
             return
         s = self.handles[hid].s
-        if not s.holds and not self._may_return(s):
+        if not s.holds and not self._may_return(s) or not self._may_orphan(s):
             return
         for k in [k for k, h in self.handles.items() if h.s is s]:
             self._drop_handle(k)
