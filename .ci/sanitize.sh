@@ -20,46 +20,25 @@ step "C core under ASan/UBSan and valgrind (tests/c/run.sh)"
 sh tests/c/run.sh valgrind
 
 step "sanitizer build of mlxbuf._cmetal (scratch copy)"
-scratch=$(mktemp -d)
+# shellcheck source=.ci/sanitizer_lib.sh
+. "$root/.ci/sanitizer_lib.sh"
+scratch=$(scratch_copy "$root")
 trap 'rm -rf "$scratch"' EXIT
-tar -C "$root" --exclude=./.git --exclude=./.venv --exclude='*.so' \
-    --exclude=./build --exclude='__pycache__' -cf - . | tar -C "$scratch" -xf -
 (cd "$scratch" && MLXBUF_SANITIZE=address,undefined "$py" build_ffi.py)
 
 # gcc's runtimes, preloaded because the interpreter is not instrumented.
-preload="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
-for lib in $preload; do
-    [ -f "$lib" ] || { echo "gcc's sanitizer runtime $lib is missing (Debian: libgcc-NN-dev)"; exit 1; }
-done
-san_env=(
-    env "LD_PRELOAD=$preload"
-    "ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:strict_init_order=1"
-    "LSAN_OPTIONS=suppressions=$root/tests/sanitizer/lsan.supp:print_suppressions=0"
-    "UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1"
-)
+sanitizer_env "$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" "$root" ||
+    { echo "(Debian: libgcc-NN-dev)"; exit 1; }
 
 step "canary: a leak made by cmetal/ must still be reported"
-set +e
-canary=$(cd "$scratch" && "${san_env[@]}" "$py" -c '
-import mlxbuf
-from mlxbuf._cmetal import lib
-buf = mlxbuf.Device("host").alloc_buffer(4096, "u8", (4096,))
-lib.cm_storage_retain(buf._storage)   # one reference nobody will drop
-' 2>&1)
-status=$?
-set -e
-if [ "$status" -eq 0 ] || ! grep -q "cm__storage_new" <<<"$canary"; then
-    echo "LeakSanitizer did not report the deliberate leak (exit $status):"
-    echo "$canary"
-    exit 1
-fi
-echo "reported as expected (exit $status): $(grep -m1 'Direct leak' <<<"$canary")"
+leak_canary "$scratch" "$py" host
 
 step "pytest under ASan/UBSan, leak detection on"
-# The type-check and build tests run external compilers, which must not
-# inherit the preloaded runtimes; they ran in the plain pass.
+# The type-check, build and simulator rule tests run external compilers,
+# which must not inherit the preloaded runtimes; they ran in the plain pass.
 (cd "$scratch" && "${san_env[@]}" MLXBUF_SANITIZER_RUN=1 "$py" -m pytest -q -p no:cacheprovider \
-    --deselect tests/test_metal_typecheck.py --deselect tests/test_build.py tests)
+    --deselect tests/test_metal_typecheck.py --deselect tests/test_build.py \
+    --deselect tests/test_metalsim_rules.py tests)
 
 step "valgrind memcheck of python -m mlxbuf"
 bash "$root/.ci/valgrind.sh" "$py"

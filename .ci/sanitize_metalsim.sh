@@ -18,38 +18,18 @@ clang=${CLANG:-clang-19}
 step() { printf '\n==== %s ====\n' "$*"; }
 
 step "ASan/UBSan build of the simulator variant (scratch copy)"
-scratch=$(mktemp -d)
+# shellcheck source=.ci/sanitizer_lib.sh
+. "$root/.ci/sanitizer_lib.sh"
+scratch=$(scratch_copy "$root")
 trap 'rm -rf "$scratch"' EXIT
-tar -C "$root" --exclude=./.git --exclude='./.venv*' --exclude='*.so' \
-    --exclude=./build --exclude='__pycache__' -cf - . | tar -C "$scratch" -xf -
 (cd "$scratch" && MLXBUF_METAL_SIM=1 MLXBUF_SANITIZE=address,undefined "$py" build_ffi.py)
 
 # clang's shared runtime carries ASan and UBSan together.
-runtime=$("$clang" -print-file-name=libclang_rt.asan-x86_64.so)
-[ -f "$runtime" ] || { echo "clang's sanitizer runtime $runtime is missing (Debian: libclang-rt-19-dev)"; exit 1; }
-san_env=(
-    env "LD_PRELOAD=$runtime"
-    "ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:strict_init_order=1"
-    "LSAN_OPTIONS=suppressions=$root/tests/sanitizer/lsan.supp:print_suppressions=0"
-    "UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1"
-)
+sanitizer_env "$("$clang" -print-file-name=libclang_rt.asan-x86_64.so)" "$root" ||
+    { echo "(Debian: libclang-rt-19-dev)"; exit 1; }
 
 step "canary: a leak made by cmetal/ on the simulated device must still be reported"
-set +e
-canary=$(cd "$scratch" && "${san_env[@]}" "$py" -c '
-import mlxbuf
-from mlxbuf._cmetal import lib
-buf = mlxbuf.Device("metal").alloc_buffer(4096, "u8", (4096,))
-lib.cm_storage_retain(buf._storage)   # one reference nobody will drop
-' 2>&1)
-status=$?
-set -e
-if [ "$status" -eq 0 ] || ! grep -q "cm__storage_new" <<<"$canary"; then
-    echo "LeakSanitizer did not report the deliberate leak (exit $status):"
-    echo "$canary"
-    exit 1
-fi
-echo "reported as expected (exit $status): $(grep -m1 'Direct leak' <<<"$canary")"
+leak_canary "$scratch" "$py" metal
 
 step "pytest on the simulated Metal under ASan/UBSan, leak detection on"
 # The type-check, build and rule tests run external compilers, which must
