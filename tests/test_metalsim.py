@@ -729,7 +729,7 @@ def test_the_readme_dispatch_example_runs():
     """README "Test your Metal dispatch code on Linux": the example as written."""
     readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
     section = readme.split("### Test your Metal dispatch code on Linux", 1)[1]
-    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    code = section.split("```py\n", 1)[1].split("```", 1)[0]
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
 
