@@ -524,20 +524,26 @@ static BOOL run_dispatch(MSimCommand *c, char *msg, size_t cap)
 
 /* ---- the threads ----------------------------------------------------------------------------- */
 
+/* The next command buffer of a FIFO, waiting for one (simulator lock
+ * taken inside). */
+static MSimCommandBuffer *take_next(MSimList *__strong *fifo)
+{
+    msim__lock();
+    while ((*fifo).count == 0)
+        msim__wait_until(msim__now() + 3600);
+    MSimCommandBuffer *cb = [*fifo at:0];
+    [*fifo removeAt:0];
+    msim__unlock();
+    return cb;
+}
+
 static void *gpu_main(void *arg)
 {
     (void)arg;
     for (;;) {
-        msim__lock();
-        while (gpu_fifo.count == 0)
-            msim__wait_until(msim__now() + 3600);
-        MSimCommandBuffer *cb = [gpu_fifo at:0];
-        [gpu_fifo removeAt:0];
-        msim__unlock();
         @autoreleasepool {
-            [cb msim_execute];
+            [take_next(&gpu_fifo) msim_execute];
         }
-        cb = nil;
     }
     return NULL;
 }
@@ -546,16 +552,9 @@ static void *completion_main(void *arg)
 {
     (void)arg;
     for (;;) {
-        msim__lock();
-        while (done_fifo.count == 0)
-            msim__wait_until(msim__now() + 3600);
-        MSimCommandBuffer *cb = [done_fifo at:0];
-        [done_fifo removeAt:0];
-        msim__unlock();
         @autoreleasepool {
-            [cb msim_finish];
+            [take_next(&done_fifo) msim_finish];
         }
-        cb = nil;
     }
     return NULL;
 }
