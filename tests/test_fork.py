@@ -26,6 +26,11 @@ SCRIPT = r"""
 import faulthandler, gc, os, sys, threading, time, warnings
 import numpy as np
 import mlxbuf
+# Imported here, not lazily in a child: compiling a module allocates
+# heavily, and under the sanitizer pass (gcc 12's ASan runtime) a child
+# forked from a thread hung in that compile in about 1 run of 3, also
+# before the simulated Metal existed. The child keeps to what it tests.
+import mlxbuf.interop
 
 CHILD_SECONDS = 60
 # Python 3.12+ warns that forking a process with threads may deadlock the
