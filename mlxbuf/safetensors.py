@@ -36,13 +36,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
+import numpy as np
+from numpy.typing import NDArray
+
+from mlxbuf._cmetal import ffi, lib
 from mlxbuf.buffer import empty_shape_problem
 from mlxbuf.dtypes import DType, as_dtype
-from mlxbuf.errors import InvalidArgument, file_errors, not_a_regular_file
+from mlxbuf.errors import InvalidArgument, check, file_errors, not_a_regular_file
 
 if TYPE_CHECKING:
-    from numpy.typing import NDArray
-
     from mlxbuf.buffer import Buffer
     from mlxbuf.device import Device
 
@@ -345,7 +347,94 @@ def _parse_json(raw: bytes | bytearray | memoryview, header_len: int, file_size:
     except UnicodeDecodeError as exc:
         raise fail(f"header is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     with _gc_paused():
+        if _FAST_SCAN:
+            header = _scan(raw, text, header_len, file_size, fail)
+            if header is not None:
+                return header
         return _parse_text(text, header_len, file_size, fail)
+
+
+# The C scanner (cmetal/safetensors.c) reads the usual header in one pass
+# and gives up on anything else, which the Python parser below then reads:
+# it accepts nothing the Python parser would refuse (tests compare them).
+# False sends every header through the Python parser.
+_FAST_SCAN = True
+_TENSOR_FIELDS = ("name_offset", "name_length", "begin", "end", "dims_index", "ndim", "dtype")
+
+
+def _tensor_record() -> np.dtype[Any]:
+    """cm_safetensors_tensor_t as a numpy record, laid out by cffi's offsets."""
+    c_type = "cm_safetensors_tensor_t"
+    formats = [np.uint64] * 5 + [np.uint32] * 2
+    offsets = [ffi.offsetof(c_type, name) for name in _TENSOR_FIELDS]
+    return np.dtype({"names": _TENSOR_FIELDS, "formats": formats, "offsets": offsets,
+                     "itemsize": ffi.sizeof(c_type)})
+
+
+_TENSOR_RECORD = _tensor_record()
+_SCAN_DTYPES = tuple(
+    SAFETENSORS_DTYPES[ffi.string(lib.cm_safetensors_dtype_name(i)).decode()]
+    for i in range(lib.CM_SAFETENSORS_DTYPE_COUNT)
+)
+
+
+def _shape_tuples(dims: NDArray[np.int64], first: NDArray[np.uint64], ndim: NDArray[np.uint32]) -> list[tuple[int, ...]]:
+    """Each tensor's dimensions as a tuple: per rank, zip() over columns
+    builds the tuples in C (a tuple(...) per tensor costs twice as much)."""
+    n = len(ndim)
+    ranks = np.unique(ndim).tolist()
+    if ranks == [0]:
+        return [()] * n
+    shapes: list[tuple[int, ...]] = [()] * n
+    for rank in ranks:
+        which = np.flatnonzero(ndim == rank)
+        if rank == 0:
+            continue
+        base = first[which].astype(np.int64)
+        tuples = list(zip(*(dims[base + j].tolist() for j in range(rank))))
+        if len(which) == n:
+            return tuples
+        for i, shape in zip(which.tolist(), tuples):
+            shapes[i] = shape
+    return shapes
+
+
+def _scan(
+    raw: bytes | bytearray | memoryview, text: str, header_len: int, file_size: int, fail: Any
+) -> SafetensorsHeader | None:
+    """The header from the C scanner, or None when it gave up (the Python
+    parser then decides). Builds the same lists the Python parser does."""
+    data_start = 8 + header_len
+    out = ffi.new("cm_safetensors_scan_t **")
+    status = lib.cm_safetensors_scan(ffi.from_buffer(raw), header_len, data_start, file_size - data_start, out)
+    if status == lib.CM_ERR_UNSUPPORTED:
+        return None
+    check(status)
+    scan = ffi.gc(out[0], lib.cm_safetensors_scan_release)
+    n = scan.count
+    records = np.frombuffer(ffi.buffer(scan.tensors, n * _TENSOR_RECORD.itemsize), dtype=_TENSOR_RECORD)
+    starts = records["name_offset"]
+    # map() over slices: the per-name work stays in C.
+    names = list(map(text.__getitem__, map(slice, starts.tolist(), (starts + records["name_length"]).tolist())))
+    if len(set(names)) != n:
+        return None  # a duplicate name: the Python parser names it
+    dims = np.frombuffer(ffi.buffer(scan.dims, scan.dims_count * 8), dtype=np.int64)
+    shapes = _shape_tuples(dims, records["dims_index"], records["ndim"])
+    dtypes = list(map(_SCAN_DTYPES.__getitem__, records["dtype"].tolist()))
+    begins, ends = records["begin"].tolist(), records["end"].tolist()
+    span = text[scan.metadata_offset : scan.metadata_offset + scan.metadata_length] if scan.metadata_offset >= 0 else None
+    del records
+    ffi.release(scan)
+    metadata = None
+    if span is not None:
+        try:
+            value = json.loads(span, object_pairs_hook=_Pairs, parse_constant=_reject_constant)
+        except ValueError:
+            return None
+        metadata = _metadata(value, fail)
+        if _SURROGATE_ESCAPE.search(span):
+            _refuse_lone_surrogates([], metadata, fail)
+    return SafetensorsHeader(header_len, file_size, names, dtypes, shapes, begins, ends, metadata)
 
 
 def _parse_text(text: str, header_len: int, file_size: int, fail: Any) -> SafetensorsHeader:
@@ -608,10 +697,7 @@ def _views(
             # No window means no tensor holds a byte: a tiny allocation
             # carries the zero-element shapes.
             return {name: derive(dt, shape, 0) for name, dt, shape in zip(names, dtypes, shapes)}
-        return {
-            name: derive(dt, shape, data_start + begin)
-            for name, dt, shape, begin in zip(names, dtypes, shapes, begins)
-        }
+        return dict(zip(names, map(derive, dtypes, shapes, map(data_start.__add__, begins))))
     window_of = dict(zip(nonempty, assignment))
     for buf in mapped:
         buf._memory()
