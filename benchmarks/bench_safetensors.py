@@ -5,7 +5,7 @@ Run (never part of the plain test command):
     python -m pytest benchmarks/bench_safetensors.py --benchmark-columns=min,median,mean,rounds
 
 The "header" group opens a file of many small tensors (1.3 million by
-default: an 89 MB header, ``MLXBUF_BENCH_ST_TENSORS`` overrides the count),
+default: an 89 MB header; ``MLXBUF_BENCH_ST_TENSORS=20K`` overrides the count),
 where the cost is all in the header: ``load_safetensors`` (parse, validate,
 one Buffer view per tensor), ``read_header`` (parse and validate only) and
 the reference reader's ``safe_open`` (parse and validate; views come later,
@@ -27,11 +27,12 @@ import struct
 
 import numpy as np
 import pytest
+from _benchutil import parse_count
 
 import mlxbuf
 
 N_TENSORS = 64
-HEADER_TENSORS_DEFAULT = "1300000"
+HEADER_TENSORS_DEFAULT = "1.3M"
 _SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
@@ -134,7 +135,8 @@ def many_tensor_file(tmp_path_factory):
     """(path, tensor count): small tensors of four dtypes laid out as the
     reference writer lays them out (by decreasing element size), names like
     "w123456", so that 1.3M tensors make an 89 MB header."""
-    count = int(os.environ.get("MLXBUF_BENCH_ST_TENSORS", HEADER_TENSORS_DEFAULT))
+    text = os.environ.get("MLXBUF_BENCH_ST_TENSORS", "").strip() or HEADER_TENSORS_DEFAULT
+    count = parse_count(text, "MLXBUF_BENCH_ST_TENSORS", binary=False)
     kinds = [("F32", 4), ("F16", 2), ("I64", 8), ("U8", 1)]
     specs = []
     for i in range(count):

@@ -73,6 +73,18 @@ static int expect(scanner_t *s, uint8_t c)
     return 1;
 }
 
+/* After an element of a list or object: *again = 1 when a ',' follows
+ * (another element comes), 0 when `close` does (consumed). */
+static int separator(scanner_t *s, uint8_t close, int *again)
+{
+    skip_ws(s);
+    if (s->p < s->end && (*s->p == ',' || *s->p == close)) {
+        *again = *s->p++ == ',';
+        return CM_OK;
+    }
+    return off_path(s, close == ']' ? "expected ',' or ']'" : "expected ',' or '}'");
+}
+
 /* A string without escapes: [*from, *from + *len) is its content. */
 static int plain_string(scanner_t *s, const uint8_t **from, uint64_t *len)
 {
@@ -192,16 +204,10 @@ static int shape(scanner_t *s, cm_safetensors_tensor_t *t)
             return rc;
         s->out->dims[s->out->dims_count++] = (int64_t)d;
         t->ndim++;
-        skip_ws(s);
-        if (s->p < s->end && *s->p == ',') {
-            s->p++;
-            continue;
-        }
-        if (s->p < s->end && *s->p == ']') {
-            s->p++;
-            return CM_OK;
-        }
-        return off_path(s, "expected ',' or ']' in a shape");
+        int again;
+        rc = separator(s, ']', &again);
+        if (rc || !again)
+            return rc;
     }
 }
 
@@ -324,16 +330,10 @@ static int metadata(scanner_t *s)
         rc = any_string(s);
         if (rc)
             return rc;
-        skip_ws(s);
-        if (s->p < s->end && *s->p == ',') {
-            s->p++;
-            continue;
-        }
-        if (s->p < s->end && *s->p == '}') {
-            s->p++;
-            return CM_OK;
-        }
-        return off_path(s, "expected ',' or '}' in __metadata__");
+        int again;
+        rc = separator(s, '}', &again);
+        if (rc || !again)
+            return rc;
     }
 }
 
@@ -380,16 +380,12 @@ static int scan(scanner_t *s, uint64_t data_start, uint64_t data_len)
                     return rc;
                 out->count++;
             }
-            skip_ws(s);
-            if (s->p < s->end && *s->p == ',') {
-                s->p++;
-                continue;
-            }
-            if (s->p < s->end && *s->p == '}') {
-                s->p++;
+            int again;
+            rc = separator(s, '}', &again);
+            if (rc)
+                return rc;
+            if (!again)
                 break;
-            }
-            return off_path(s, "expected ',' or '}'");
         }
     }
     skip_ws(s);

@@ -24,6 +24,10 @@ Export (``Buffer.__dlpack__``)
   wait; any other stream raises BufferError. Pending readers are not
   waited for: a consumer that writes while the GPU reads races, as with
   any shared memory.
+- Every argument is checked before anything is exported (a malformed
+  ``max_version``, ``dl_device`` or ``stream`` raises BufferError, a
+  ``copy`` that is not a bool or None TypeError), and a failure after the
+  export frees the tensor again: no call leaves a reference behind.
 - ``copy=True`` exports a fresh copy (flag IS_COPIED). ``copy=None`` also
   copies where a view cannot be expressed: a read-only storage through a
   legacy capsule, which has no read-only flag (``copy=False`` raises
@@ -37,6 +41,13 @@ Import (``mlxbuf.from_dlpack``)
   once, when the storage dies, which keeps the producer's memory alive.
 - Otherwise (strided, empty, unaligned) a copy into a fresh allocation,
   unless ``copy=False`` (BufferError). ``copy=True`` always copies.
+- Before either, the tensor is checked as untrusted input: a NULL data
+  pointer with elements to read, or bytes (data + byte_offset, plus the
+  extent of shape x strides) beyond either end of the address space or
+  farther from data than any object can be, raise BufferError. The copy
+  reads exactly the checked range.
+- Exception-safe: whatever raises, the tensor has one owner (the capsule,
+  whose destructor gives it back, or the storage) and its deleter runs once.
 
 The PyCapsule calls go through ctypes.pythonapi because cffi cannot make a
 PyObject; the capsule's destructor and names come from C (pycapsule.c and

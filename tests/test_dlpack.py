@@ -9,12 +9,12 @@ import weakref
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mlxbuf
 from mlxbuf._cmetal import ffi, lib
-from support import assert_names
+from support import assert_names, fuzz_examples
 
 try:
     import torch
@@ -596,6 +596,18 @@ class HandMade:
         return _CapsuleNew(int(ffi.cast("uintptr_t", self.managed)), name, _DESTRUCTOR)
 
 
+def refused_and_given_back(made, device, copy, fragment):
+    """Importing the hand-made tensor raises BufferError naming ``fragment``,
+    makes no storage, and leaves the capsule to give the tensor back once."""
+    caps = [made.capsule()]
+    with pytest.raises(BufferError) as excinfo:
+        mlxbuf.from_dlpack(caps[0], device=device, copy=copy)
+    assert_names(excinfo, fragment)
+    del excinfo
+    assert device.stats().live_storages == 0
+    assert given_back(made, caps)
+
+
 def given_back(made, caps):
     """Dropping the only reference to an unconsumed capsule (``caps``, a
     one-element list) gives the tensor back exactly once."""
@@ -611,14 +623,7 @@ def test_null_data_is_refused_on_every_path(host_device, copy, strides):
     """A NULL data pointer with elements to read was copied from (copy=True,
     or a strided tensor with copy=None), handing out whatever lay at low
     addresses: the copy path now refuses what the zero-copy path refuses."""
-    made = HandMade(0, (2, 2), strides)
-    caps = [made.capsule()]
-    with pytest.raises(BufferError) as excinfo:
-        mlxbuf.from_dlpack(caps[0], device=host_device, copy=copy)
-    assert_names(excinfo, "NULL")
-    del excinfo
-    assert host_device.stats().live_storages == 0
-    assert given_back(made, caps)
+    refused_and_given_back(HandMade(0, (2, 2), strides), host_device, copy, "NULL")
 
 
 def test_null_data_of_an_empty_tensor_is_fine(host_device):
@@ -646,15 +651,10 @@ def test_null_data_of_an_empty_tensor_is_fine(host_device):
 def test_address_range_that_wraps_is_refused(host_device, byte_offset, strides, copy):
     backing = np.arange(16, dtype=np.float32)
     made = HandMade(backing.ctypes.data, (4,), strides, byte_offset=byte_offset)
-    caps = [made.capsule()]
-    with pytest.raises(BufferError) as excinfo:
-        mlxbuf.from_dlpack(caps[0], device=host_device, copy=copy)
-    assert_names(excinfo, "outside the address space")
-    del excinfo
-    assert host_device.stats().live_storages == 0
-    assert given_back(made, caps)
+    refused_and_given_back(made, host_device, copy, "outside the address space")
 
 
+@settings(max_examples=fuzz_examples(100), deadline=None)
 @given(
     start=st.integers(0, 256),
     shape=st.lists(st.integers(0, 4), min_size=0, max_size=3),
@@ -705,10 +705,7 @@ def test_hand_made_tensors_fuzz(start, shape, strides, wild, null, versioned, co
 def test_legacy_hand_made_tensor_with_a_wrapping_offset(host_device):
     backing = np.zeros(4, np.float32)
     made = HandMade(backing.ctypes.data, (4,), byte_offset=U64 - 4, versioned=False)
-    caps = [made.capsule()]
-    with pytest.raises(BufferError):
-        mlxbuf.from_dlpack(caps[0], device=host_device, copy=True)
-    assert given_back(made, caps)
+    refused_and_given_back(made, host_device, True, "outside the address space")
 
 
 # ---- export arguments: checked before anything is exported ---------------------------------

@@ -7,7 +7,6 @@ hands to the Python parser. Every header here goes through both
 """
 
 import json
-import os
 import struct
 
 import numpy as np
@@ -18,11 +17,10 @@ from hypothesis import strategies as st
 import mlxbuf
 from mlxbuf import safetensors as S
 from mlxbuf._cmetal import ffi, lib
+from support import fuzz_examples
 
 DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
           "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
-# Long runs: MLXBUF_SCAN_FUZZ_EXAMPLES=100000 python -m pytest tests/test_safetensors_scan.py
-FUZZ_EXAMPLES = int(os.environ.get("MLXBUF_SCAN_FUZZ_EXAMPLES", "300"))
 
 
 def both(data):
@@ -95,7 +93,7 @@ EDITS = st.lists(st.tuples(st.integers(0, 400), st.sampled_from(
      b"\xc3\xa9", b"null", b"\\ud800", b"99999999999999999999"])), max_size=3)
 
 
-@settings(max_examples=FUZZ_EXAMPLES, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@settings(max_examples=fuzz_examples(300), suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(case=headers(), edits=st.one_of(st.just([]), EDITS))
 def test_scanner_and_parser_agree(case, edits):
     text, data_len = case

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import mlxbuf
 from mlxbuf.safetensors import SafetensorsError, load_safetensors, parse_header, save_safetensors
-from support import assert_names
+from support import assert_names, fuzz_examples
 
 reference = pytest.importorskip("safetensors.numpy", reason="the safetensors package (test extra) is the oracle")
 from safetensors import safe_open  # noqa: E402
@@ -286,7 +286,7 @@ def _seed_file():
 SEED = _seed_file()
 
 
-@settings(max_examples=200)
+@settings(max_examples=fuzz_examples(200), deadline=None)
 @given(
     cut=st.integers(0, len(SEED) + 8),
     flips=st.lists(st.tuples(st.integers(0, len(SEED) - 1), st.integers(1, 255)), max_size=4),
