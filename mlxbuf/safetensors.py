@@ -692,6 +692,8 @@ def _views(
     """One view per tensor into the mapped windows (all sharing them)."""
     data_start = header.data_start
     names, dtypes, shapes, begins = header.names, header.dtypes, header.shapes, header.begins
+    if not names:
+        return {}
     if not assignment:
         # One window from byte 0: a tensor's view sits at its file offset.
         base = mapped[0] if mapped else device.alloc_buffer(8, "u8", (8,))

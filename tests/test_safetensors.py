@@ -161,7 +161,10 @@ def test_only_empty_tensors(device, tmp_path):
 def test_empty_file_of_tensors(device, tmp_path):
     path = tmp_path / "none.safetensors"
     save_safetensors(path, {}, metadata={"k": "v"})
+    before = device.stats()
     assert load_safetensors(path, device) == {}
+    after = device.stats()
+    assert (after.alloc_count, after.live_storages) == (before.alloc_count, before.live_storages)
     assert safetensors_metadata(path) == {"k": "v"}
 
 
