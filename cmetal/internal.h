@@ -12,6 +12,7 @@
  * (a layer below reaches one above only through hooks the upper one
  * installs), and only backend.c names a backend:
  *   error.c
+ *   safetensors.c                        (the safetensors header scanner)
  *   host.c, metal.m                      (backends)
  *   fork.c
  *   backend.c, memory.c, residency.c
