@@ -107,6 +107,11 @@ static int plain_string(scanner_t *s, const uint8_t **from, uint64_t *len)
     return CM_OK;
 }
 
+static int is_hex_digit(uint8_t c)
+{
+    return (c >= '0' && c <= '9') || ((c | 0x20) >= 'a' && (c | 0x20) <= 'f');
+}
+
 /* Any JSON string, escapes included (checked for form only: __metadata__'s
  * strings are decoded again by the caller). */
 static int any_string(scanner_t *s)
@@ -126,7 +131,7 @@ static int any_string(scanner_t *s)
         c = *s->p++;
         if (c == 'u') {
             for (int i = 0; i < 4; i++, s->p++) {
-                if (s->p >= s->end || !((*s->p >= '0' && *s->p <= '9') || ((*s->p | 0x20) >= 'a' && (*s->p | 0x20) <= 'f')))
+                if (s->p >= s->end || !is_hex_digit(*s->p))
                     return off_path(s, "a bad \\u escape");
             }
         } else if (!strchr("\"\\/bfnrt", c) || c == '\0') {

@@ -384,7 +384,9 @@ _SCAN_DTYPES = tuple(
 )
 
 
-def _shape_tuples(dims: NDArray[np.int64], first: NDArray[np.uint64], ndim: NDArray[np.uint32]) -> list[tuple[int, ...]]:
+def _shape_tuples(
+    dims: NDArray[np.int64], first: NDArray[np.uint64], ndim: NDArray[np.uint32]
+) -> list[tuple[int, ...]]:
     """Each tensor's dimensions as a tuple: per rank, zip() over columns
     builds the tuples in C (a tuple(...) per tensor costs twice as much)."""
     n = len(ndim)
@@ -428,7 +430,9 @@ def _scan(
     shapes = _shape_tuples(dims, records["dims_index"], records["ndim"])
     dtypes = list(map(_SCAN_DTYPES.__getitem__, records["dtype"].tolist()))
     begins, ends = records["begin"].tolist(), records["end"].tolist()
-    span = text[scan.metadata_offset : scan.metadata_offset + scan.metadata_length] if scan.metadata_offset >= 0 else None
+    span = None
+    if scan.metadata_offset >= 0:
+        span = text[scan.metadata_offset : scan.metadata_offset + scan.metadata_length]
     del records
     ffi.release(scan)
     metadata = None
@@ -928,7 +932,8 @@ def _remove_dead_temporaries(directory: str, base: str) -> None:
     for name in names:
         stale = os.path.join(directory, name)
         try:
-            fd = os.open(stale, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
+            flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+            fd = os.open(stale, flags)
         except OSError:
             continue
         try:
