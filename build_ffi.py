@@ -38,7 +38,7 @@ from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
 MODULE_NAME = "mlxbuf._cmetal"
-HEADERS = ["cmetal/cmetal.h", "cmetal/interop.h"]
+HEADERS = ["cmetal/cmetal.h", "cmetal/interop.h", "cmetal/safetensors.h"]
 IS_MACOS = sys.platform == "darwin"
 IS_LINUX = sys.platform.startswith("linux")
 SANITIZE = os.environ.get("MLXBUF_SANITIZE", "").strip()

@@ -4,6 +4,14 @@ Run (never part of the plain test command):
 
     python -m pytest benchmarks/bench_safetensors.py --benchmark-columns=min,median,mean,rounds
 
+The "header" group opens a file of many small tensors (1.3 million by
+default: an 89 MB header; ``MLXBUF_BENCH_ST_TENSORS=20K`` overrides the count),
+where the cost is all in the header: ``load_safetensors`` (parse, validate,
+one Buffer view per tensor), ``read_header`` (parse and validate only) and
+the reference reader's ``safe_open`` (parse and validate; views come later,
+one ``get_tensor`` at a time), side by side. Its file is generated once per
+session, straight as JSON.
+
 The file (1 GiB by default, 64 f32 tensors) is generated once per session
 in a temporary directory; ``MLXBUF_BENCH_ST_BYTES`` overrides its size
 (e.g. ``MLXBUF_BENCH_ST_BYTES=64M``) for CI or a quick look. The file was
@@ -19,10 +27,12 @@ import struct
 
 import numpy as np
 import pytest
+from _benchutil import parse_count
 
 import mlxbuf
 
 N_TENSORS = 64
+HEADER_TENSORS_DEFAULT = "1.3M"
 _SUFFIX = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
@@ -115,3 +125,61 @@ def test_first_touch_read_of_a_mapped_tensor(benchmark, st_file, device):
     tensor_bytes = nbytes // len(names)
     benchmark.extra_info["tensor_bytes"] = tensor_bytes
     benchmark.extra_info["GB_per_s_min"] = round(tensor_bytes / benchmark.stats.stats.min / 1e9, 2)
+
+
+# ---- a header of many tensors ----------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def many_tensor_file(tmp_path_factory):
+    """(path, tensor count): small tensors of four dtypes laid out as the
+    reference writer lays them out (by decreasing element size), names like
+    "w123456", so that 1.3M tensors make an 89 MB header."""
+    text = os.environ.get("MLXBUF_BENCH_ST_TENSORS", "").strip() or HEADER_TENSORS_DEFAULT
+    count = parse_count(text, "MLXBUF_BENCH_ST_TENSORS", binary=False)
+    kinds = [("F32", 4), ("F16", 2), ("I64", 8), ("U8", 1)]
+    specs = []
+    for i in range(count):
+        dtype, size = kinds[i % 4]
+        shape = [1 + i % 3, 2] if i % 2 else [1 + i % 5]
+        specs.append((-size, f"w{i}", dtype, shape, size * shape[0] * (shape[1] if len(shape) > 1 else 1)))
+    specs.sort(key=lambda spec: spec[0])
+    parts, offset = [], 0
+    for _, name, dtype, shape, nbytes in specs:
+        parts.append(f'"{name}":{{"dtype":"{dtype}","shape":{json.dumps(shape)},"data_offsets":[{offset},{offset + nbytes}]}}')
+        offset += nbytes
+    text = ("{" + ",".join(parts) + "}").encode()
+    text += b" " * (-len(text) % 8)
+    path = tmp_path_factory.mktemp("bench-header") / f"header-{count}.safetensors"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        f.write(b"\0" * offset)
+    return path, count
+
+
+@pytest.mark.benchmark(group="safetensors-header")
+def test_header_mlxbuf_load_safetensors(benchmark, many_tensor_file, device):
+    path, count = many_tensor_file
+    result = benchmark.pedantic(lambda: len(mlxbuf.load_safetensors(path, device)), rounds=3, iterations=1)
+    assert result == count
+    benchmark.extra_info["header_bytes"] = struct.unpack("<Q", path.read_bytes()[:8])[0]
+
+
+@pytest.mark.benchmark(group="safetensors-header")
+def test_header_mlxbuf_read_header(benchmark, many_tensor_file):
+    from mlxbuf.safetensors import read_header
+
+    path, count = many_tensor_file
+    assert benchmark.pedantic(lambda: len(read_header(path)), rounds=3, iterations=1) == count
+
+
+@pytest.mark.benchmark(group="safetensors-header")
+def test_header_safetensors_safe_open(benchmark, many_tensor_file):
+    safetensors = pytest.importorskip("safetensors", reason="the safetensors package is not installed")
+    path, count = many_tensor_file
+
+    def run():
+        with safetensors.safe_open(str(path), "np") as f:
+            return len(f.keys())
+
+    assert benchmark.pedantic(run, rounds=3, iterations=1) == count

@@ -39,7 +39,7 @@ extern "C" {
 #define CM_ERR_COMMAND_BUFFER 6      /* command buffer misuse or failure   */
 #define CM_ERR_SHADER_COMPILATION 7  /* the shader compiler rejected code  */
 #define CM_ERR_KERNEL_NOT_FOUND 8    /* no function of that name           */
-#define CM_ERR_IO 9                  /* a file operation failed (errno)    */
+#define CM_ERR_IO 9                  /* a file operation failed (errno kept) */
 #define CM_ERR_INTERNAL 10           /* a broken invariant: a bug          */
 
 /* Backends. CM_BACKEND_AUTO opens Metal where it exists, else host. */

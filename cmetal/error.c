@@ -8,6 +8,7 @@
  */
 #include "internal.h"
 
+#include <errno.h>
 #include <stdarg.h>
 #include <string.h>
 #include <stdio.h>
@@ -22,6 +23,9 @@ static _Thread_local char tl_message[CM_MESSAGE_MAX];
 
 int cm__fail(int status, const char *fmt, ...)
 {
+    /* The caller's errno survives formatting, so a CM_ERR_IO reaches the
+     * binding with the errno of the system call that failed. */
+    int saved_errno = errno;
     /* Format into a scratch buffer first: callers may pass cm_last_error()
      * itself as an argument when they prefix an earlier message. */
     char scratch[CM_MESSAGE_MAX];
@@ -31,6 +35,7 @@ int cm__fail(int status, const char *fmt, ...)
     va_end(ap);
     memcpy(tl_message, scratch, strlen(scratch) + 1);
     tl_status = status;
+    errno = saved_errno;
     return status;
 }
 

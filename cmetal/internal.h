@@ -12,6 +12,7 @@
  * (a layer below reaches one above only through hooks the upper one
  * installs), and only backend.c names a backend:
  *   error.c
+ *   safetensors.c                        (the safetensors header scanner)
  *   host.c, metal.m                      (backends)
  *   fork.c
  *   backend.c, memory.c, residency.c
@@ -48,7 +49,9 @@
 /* ------------------------------------------------------------------ */
 
 /* Record status and a formatted message as this thread's last error and
- * return status, so failures read `return cm__fail(CM_ERR_..., "...")`. */
+ * return status, so failures read `return cm__fail(CM_ERR_..., "...")`.
+ * errno is left as the caller had it: after a CM_ERR_IO it still names
+ * the system call's failure. */
 int cm__fail(int status, const char *fmt, ...) CM_PRINTF(2, 3);
 
 /* Format a byte count for messages ("4096 bytes", "3.2 GiB"). */

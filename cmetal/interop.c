@@ -260,6 +260,64 @@ const char *cm_dlpack_capsule_name(int versioned, int used)
 /* Import                                                              */
 /* ------------------------------------------------------------------ */
 
+static int cpu_visible(int32_t device_type)
+{
+    return device_type == kDLCPU || device_type == kDLCUDAHost || device_type == kDLROCMHost;
+}
+
+/* Decimal text of v (printf has no 128-bit conversion). */
+static const char *fmt_i128(__int128 v, char *buf, size_t cap)
+{
+    char digits[48];
+    size_t n = 0;
+    unsigned __int128 u = v < 0 ? (unsigned __int128)0 - (unsigned __int128)v : (unsigned __int128)v;
+    do {
+        digits[n++] = (char)('0' + (int)(u % 10));
+        u /= 10;
+    } while (u != 0 && n < sizeof digits);
+    size_t k = 0;
+    if (v < 0 && k + 1 < cap)
+        buf[k++] = '-';
+    while (n > 0 && k + 1 < cap)
+        buf[k++] = digits[--n];
+    buf[k] = '\0';
+    return buf;
+}
+
+/* The bytes a CPU tensor addresses, [low, low + span), element 0 at low +
+ * origin. Integer arithmetic only: a producer's data + byte_offset may not
+ * be a valid pointer, and forming one would be undefined behaviour. lo and
+ * hi are view_extent's element offsets around element 0 (lo <= 0 <= hi).
+ * Whether the memory is really there only the producer knows; what no
+ * memory can be is refused: a NULL pointer, bytes beyond either end of the
+ * address space, and offsets from data larger than any object
+ * (PTRDIFF_MAX: byte_offset = 2**63 is one). */
+static int addressed_range(const DLTensor *t, int64_t lo, int64_t hi, uint64_t itemsize,
+                           cm_dlpack_import_info_t *info)
+{
+    if (t->data == NULL)
+        return cm__fail(CM_ERR_INVALID_ARGUMENT,
+                        "DLPack tensor of %llu bytes has a NULL data pointer",
+                        (unsigned long long)info->nbytes);
+    __int128 first = (__int128)t->byte_offset + (__int128)lo * (__int128)itemsize;
+    __int128 last = (__int128)t->byte_offset + ((__int128)hi + 1) * (__int128)itemsize;
+    __int128 data = (__int128)(uintptr_t)t->data;
+    if (first < -(__int128)PTRDIFF_MAX || last > (__int128)PTRDIFF_MAX || last - first > (__int128)PTRDIFF_MAX
+        || data + first < 0 || data + last > (__int128)UINTPTR_MAX + 1) {
+        char from[48], to[48];
+        return cm__fail(CM_ERR_INVALID_ARGUMENT,
+                        "DLPack tensor at data %p + byte_offset %llu reaches outside the address "
+                        "space: its bytes run from %s to %s past data (objects span at most %lld "
+                        "bytes)",
+                        t->data, (unsigned long long)t->byte_offset, fmt_i128(first, from, sizeof from),
+                        fmt_i128(last, to, sizeof to), (long long)PTRDIFF_MAX);
+    }
+    info->low = (uint64_t)(data + first);
+    info->span = (uint64_t)(last - first);
+    info->origin = (uint64_t)(-first + (__int128)t->byte_offset);
+    return CM_OK;
+}
+
 static DLTensor *tensor_of(void *managed, int versioned)
 {
     return versioned ? &((DLManagedTensorVersioned *)managed)->dl_tensor
@@ -310,6 +368,8 @@ int cm_dlpack_describe(void *managed, int versioned, cm_dlpack_import_info_t *in
         return cm__fail(CM_ERR_INVALID_ARGUMENT, "DLPack tensor of %llu elements overflows 64 bits",
                         (unsigned long long)count);
     info->contiguous = is_c_contiguous(t->ndim, t->shape, t->strides);
+    if (count > 0 && cpu_visible(info->device_type))
+        return addressed_range(t, lo, hi, itemsize, info);
     return CM_OK;
 }
 
@@ -349,10 +409,9 @@ int cm_dlpack_import(cm_device_t *dev, void *managed, int versioned, int writabl
     case kDLCPU:
     case kDLCUDAHost:
     case kDLROCMHost: {
-        if (t->data == NULL)
-            return cm__fail(CM_ERR_INVALID_ARGUMENT, "DLPack tensor of %llu bytes has no data",
-                            (unsigned long long)info->nbytes);
-        uint8_t *start = (uint8_t *)t->data + t->byte_offset;
+        /* cm_dlpack_describe checked the range: contiguous, so it starts
+         * at element 0 and spans nbytes. */
+        void *start = (void *)(uintptr_t)info->low;
         rc = cm_storage_wrap_external(dev, start, info->nbytes, writable, release, managed, out);
         if (rc)
             return rc;

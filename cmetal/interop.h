@@ -173,7 +173,7 @@ const char *cm_dlpack_capsule_name(int versioned, int used);
 /* Import                                                              */
 /* ------------------------------------------------------------------ */
 
-/* What cm_dlpack_import learnt from a tensor. */
+/* What cm_dlpack_describe learnt from a tensor. */
 typedef struct cm_dlpack_import_info {
     int32_t device_type;
     int32_t device_id;
@@ -183,11 +183,23 @@ typedef struct cm_dlpack_import_info {
     uint64_t nbytes;            /* element count x bytes per element      */
     uint64_t byte_offset;       /* of element 0 inside the new storage    */
     int contiguous;             /* C-contiguous (strides match row-major) */
+    /* CPU-visible tensors (kDLCPU, kDLCUDAHost, kDLROCMHost) that hold at
+     * least one element: the bytes the tensor addresses are [low, low +
+     * span), element 0 at low + origin. 0 otherwise. */
+    uint64_t low;
+    uint64_t span;
+    uint64_t origin;
 } cm_dlpack_import_info_t;
 
 /* Describe a managed tensor without taking it: checks the version (major
  * must be 1; a versioned tensor of another major is CM_ERR_UNSUPPORTED and
- * only its deleter may be touched), the rank and the dtype. */
+ * only its deleter may be touched), the rank, the shape and strides, and
+ * the dtype. For CPU-visible memory it also checks the address range
+ * every element lies in: a NULL data pointer with elements to read, or a
+ * range that wraps around the address space (data + byte_offset + the
+ * extent of shape x strides, computed without forming a pointer) is
+ * CM_ERR_INVALID_ARGUMENT. Whoever copies or wraps the memory reads only
+ * [low, low + span). */
 int cm_dlpack_describe(void *managed, int versioned, cm_dlpack_import_info_t *info);
 
 /* Wrap a C-contiguous managed tensor as a storage of dev without copying.

@@ -49,6 +49,7 @@ _UINT8_PTR = ffi.typeof("uint8_t *")
 _ALLOC_RESULT = ffi.typeof("cm_alloc_result_t *")
 _STORAGE_INFO = ffi.typeof("cm_storage_info_t *")
 _U64_LIMIT = 1 << 64
+_DIM_LIMIT = (1 << 63) - 1
 _KINDS = {
     lib.CM_STORAGE_DEVICE: "device",
     lib.CM_STORAGE_POOLED: "pooled",
@@ -101,7 +102,12 @@ def _int_arg(value: Any, what: str, *, minimum: int = 0) -> int:
 
 
 def _shape_arg(shape: Any) -> tuple[tuple[int, ...], int]:
-    """``(tuple_of_ints, element_count)`` for a tuple/list (or int) of non-negative ints."""
+    """``(tuple_of_ints, element_count)`` for a tuple/list (or int) of non-negative ints.
+
+    A shape with elements is bounded by the bytes it needs, which the
+    callers check. A shape without elements (a zero dimension) needs no
+    byte, so its other dimensions are checked here: see empty_shape_problem.
+    """
     if type(shape) is tuple:
         count = 1
         for d in shape:
@@ -109,14 +115,54 @@ def _shape_arg(shape: Any) -> tuple[tuple[int, ...], int]:
                 break
             count *= d
         else:
+            if count == 0:
+                _check_empty_shape(shape)
             return shape, count
     if isinstance(shape, (tuple, list)):
-        dims = tuple(_int_arg(d, f"dimension {i} of shape {tuple(shape)!r}") for i, d in enumerate(shape))
-        return dims, math.prod(dims)
+        dims = tuple(_dim_arg(d, f"dimension {i} of shape {tuple(shape)!r}") for i, d in enumerate(shape))
+        count = math.prod(dims)
+        if count == 0:
+            _check_empty_shape(dims)
+        return dims, count
     if isinstance(shape, (int, np.integer)) and not isinstance(shape, (bool, np.bool_)):
-        n = _int_arg(shape, "shape")
+        n = _dim_arg(shape, "shape")
         return (n,), n
     raise InvalidArgument(f"shape must be a tuple or list of non-negative ints, got {shape!r} ({type(shape).__name__})")
+
+
+def _dim_arg(value: Any, what: str) -> int:
+    d = value if type(value) is int and value > _DIM_LIMIT else _int_arg(value, what)
+    if d > _DIM_LIMIT:
+        raise InvalidArgument(f"{what} is {d}, beyond the int64 limit {_DIM_LIMIT} of a dimension")
+    return d
+
+
+# numpy refuses an array whose non-zero dimensions times its element size
+# pass 2**63 - 1, even when another dimension is 0; elements are at most 8
+# bytes.
+MAX_EMPTY_EXTENT = _DIM_LIMIT // 8
+
+
+def empty_shape_problem(shape: tuple[int, ...]) -> str | None:
+    """Why a shape with a zero dimension cannot be an array, or None.
+
+    ``(2**64 + 1, 0)`` holds no byte, yet no array (numpy's, DLPack's) can
+    have it: the non-zero dimensions must multiply to at most
+    MAX_EMPTY_EXTENT (2**60 - 1), which also keeps every dimension in int64.
+    """
+    extent = math.prod(d for d in shape if d)
+    if extent > MAX_EMPTY_EXTENT:
+        return (
+            f"shape {shape} holds no element, but its non-zero dimensions multiply to {extent}, beyond "
+            f"{MAX_EMPTY_EXTENT} (2**60 - 1: numpy's limit for 8-byte elements)"
+        )
+    return None
+
+
+def _check_empty_shape(shape: tuple[int, ...]) -> None:
+    problem = empty_shape_problem(shape)
+    if problem:
+        raise InvalidArgument(problem)
 
 
 def _dtype_arg(dtype: Any) -> DType:

@@ -24,6 +24,10 @@ Export (``Buffer.__dlpack__``)
   wait; any other stream raises BufferError. Pending readers are not
   waited for: a consumer that writes while the GPU reads races, as with
   any shared memory.
+- Every argument is checked before anything is exported (a malformed
+  ``max_version``, ``dl_device`` or ``stream`` raises BufferError, a
+  ``copy`` that is not a bool or None TypeError), and a failure after the
+  export frees the tensor again: no call leaves a reference behind.
 - ``copy=True`` exports a fresh copy (flag IS_COPIED). ``copy=None`` also
   copies where a view cannot be expressed: a read-only storage through a
   legacy capsule, which has no read-only flag (``copy=False`` raises
@@ -37,6 +41,13 @@ Import (``mlxbuf.from_dlpack``)
   once, when the storage dies, which keeps the producer's memory alive.
 - Otherwise (strided, empty, unaligned) a copy into a fresh allocation,
   unless ``copy=False`` (BufferError). ``copy=True`` always copies.
+- Before either, the tensor is checked as untrusted input: a NULL data
+  pointer with elements to read, or bytes (data + byte_offset, plus the
+  extent of shape x strides) beyond either end of the address space or
+  farther from data than any object can be, raise BufferError. The copy
+  reads exactly the checked range.
+- Exception-safe: whatever raises, the tensor has one owner (the capsule,
+  whose destructor gives it back, or the storage) and its deleter runs once.
 
 The PyCapsule calls go through ctypes.pythonapi because cffi cannot make a
 PyObject; the capsule's destructor and names come from C (pycapsule.c and
@@ -48,6 +59,7 @@ from __future__ import annotations
 
 import ctypes
 import datetime
+import operator
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -75,6 +87,7 @@ kDLMetal = lib.kDLMetal
 # Pinned host memory of CUDA / ROCm is plain CPU memory to us.
 _CPU_LIKE = frozenset((lib.kDLCPU, lib.kDLCUDAHost, lib.kDLROCMHost))
 _NO_SYNC_STREAM = -1
+_U32_MAX = (1 << 32) - 1
 
 _CapsuleType = type(datetime.datetime_CAPI)
 
@@ -108,12 +121,18 @@ def dlpack_device(buf: Buffer) -> tuple[int, int]:
     return (kDLMetal, 0) if buf.device.backend == "metal" else (kDLCPU, 0)
 
 
-def _version_pair(max_version: Any) -> tuple[int, int]:
+def _int_pair(value: Any, what: str, lowest: int, highest: int) -> tuple[int, int]:
+    """``value`` as a pair of ints in [lowest, highest], else BufferError naming it."""
     try:
-        major, minor = (int(v) for v in max_version)
+        first, second = value
+        if isinstance(first, (bool, np.bool_)) or isinstance(second, (bool, np.bool_)):
+            raise TypeError
+        pair = (operator.index(first), operator.index(second))
     except (TypeError, ValueError):
-        raise BufferError(f"max_version must be a (major, minor) pair of ints, got {max_version!r}") from None
-    return major, minor
+        raise BufferError(f"{what} must be a pair of integers, got {value!r}") from None
+    if not all(lowest <= v <= highest for v in pair):
+        raise BufferError(f"{what} {value!r} is out of range: each must be in [{lowest}, {highest}]")
+    return pair
 
 
 def _copy_of(buf: Buffer) -> Buffer:
@@ -133,21 +152,29 @@ def to_dlpack(
     dl_device: tuple[int, int] | None = None,
     copy: bool | None = None,
 ) -> CapsuleType:
-    """Export ``buf`` as a DLPack capsule (``Buffer.__dlpack__``; see the module docstring)."""
+    """Export ``buf`` as a DLPack capsule (``Buffer.__dlpack__``; see the module docstring).
+
+    Every argument is checked before anything is exported, and a failure
+    after the export frees the tensor again: a call that raises leaves no
+    reference behind.
+    """
     if max_version is None:
         versioned, minor = False, 0
     else:
-        major, minor = _version_pair(max_version)
+        major, minor = _int_pair(max_version, "max_version", 0, _U32_MAX)
         versioned = major >= 1
         minor = lib.CM_DLPACK_MINOR_VERSION if major > 1 else min(minor, lib.CM_DLPACK_MINOR_VERSION)
-
+    if copy is not None and type(copy) is not bool:
+        raise TypeError(f"copy must be True, False or None, got {copy!r}")
+    if stream is not None and (type(stream) is not int or stream != _NO_SYNC_STREAM):
+        raise BufferError(
+            f"unsupported stream {stream!r}: mlxbuf exports with stream=None (after waiting for "
+            f"submitted writers) or stream=-1 (no synchronisation)"
+        )
     native = dlpack_device(buf)
     device_type = native[0]
     if dl_device is not None:
-        try:
-            target = tuple(int(v) for v in dl_device)
-        except (TypeError, ValueError):
-            raise BufferError(f"dl_device must be a (device_type, device_id) pair, got {dl_device!r}") from None
+        target = _int_pair(dl_device, "dl_device", -(1 << 31), (1 << 31) - 1)
         if target == (kDLCPU, 0) and buf.device.has_unified_memory:
             device_type = kDLCPU
         elif target != native:
@@ -155,10 +182,10 @@ def to_dlpack(
                 f"cannot export to DLPack device {target}: this buffer is on {native} and can also be "
                 f"exported as (1, 0) (kDLCPU)"
             )
-    if stream is not None and stream != _NO_SYNC_STREAM:
+    if copy is False and not versioned and not buf.writable:
         raise BufferError(
-            f"unsupported stream {stream!r}: mlxbuf exports with stream=None (after waiting for "
-            f"submitted writers) or stream=-1 (no synchronisation)"
+            "a read-only buffer cannot be exported through a legacy DLPack capsule without a copy "
+            "(it has no read-only flag); ask for max_version=(1, 0) or allow a copy"
         )
     if stream is None:
         buf.wait_idle()
@@ -167,11 +194,6 @@ def to_dlpack(
     if copy is True:
         buf, flags = _copy_of(buf), lib.CM_DLPACK_FLAG_IS_COPIED
     elif not versioned and not buf.writable:
-        if copy is False:
-            raise BufferError(
-                "a read-only buffer cannot be exported through a legacy DLPack capsule without a copy "
-                "(it has no read-only flag); ask for max_version=(1, 0) or allow a copy"
-            )
         buf = _copy_of(buf)
 
     shape = buf.shape
@@ -192,9 +214,9 @@ def to_dlpack(
     if status:
         raise error_for(status)
     managed = out[0]
-    if versioned:
-        ffi.cast("DLManagedTensorVersioned *", managed).version.minor = minor
     try:
+        if versioned:
+            ffi.cast("DLManagedTensorVersioned *", managed).version.minor = minor
         return _PyCapsule_New(int(ffi.cast("uintptr_t", managed)), _NAME[versioned], _DESTRUCTOR)
     except BaseException:
         lib.cm_dlpack_delete(managed, 1 if versioned else 0)
@@ -241,7 +263,13 @@ def _tensor(ptr: Any, versioned: int) -> Any:
 
 
 def _copy_from_tensor(device: Device, t: Any, info: Any, dt: DType, shape: tuple[int, ...]) -> Buffer:
-    """A fresh Buffer with the contents of the (CPU-readable, maybe strided) tensor t."""
+    """A fresh Buffer with the contents of the (CPU-readable, maybe strided) tensor t.
+
+    Reads only the bytes cm_dlpack_describe found the tensor to address
+    ([info.low, info.low + info.span), checked non-NULL and inside the
+    address space), so the copy refuses exactly what a zero-copy import
+    refuses.
+    """
     if info.device_type not in _CPU_LIKE:
         raise BufferError(
             f"cannot copy a tensor of DLPack device type {info.device_type}: mlxbuf reads CPU memory "
@@ -250,21 +278,20 @@ def _copy_from_tensor(device: Device, t: Any, info: Any, dt: DType, shape: tuple
     out = device.alloc_buffer(max(info.nbytes, dt.size), dt, shape)
     if info.nbytes == 0:
         return out
-    ndim = len(shape)
+    size = dt.size
     if t.strides == ffi.NULL:
-        strides, step = [0] * ndim, 1
-        for i in reversed(range(ndim)):
+        strides = [0] * len(shape)
+        step = size
+        for i in reversed(range(len(shape))):
             strides[i], step = step, step * shape[i]
     else:
-        strides = [t.strides[i] for i in range(ndim)]
-    lo = sum((n - 1) * s for n, s in zip(shape, strides) if s < 0)
-    hi = sum((n - 1) * s for n, s in zip(shape, strides) if s > 0)
-    size = dt.size
-    start = int(ffi.cast("uintptr_t", t.data)) + t.byte_offset + lo * size
-    raw = np.frombuffer(ffi.buffer(ffi.cast("uint8_t *", start), (hi - lo + 1) * size), dtype=np.uint8)
+        # A dimension of length 1 is never stepped along: its stride may be
+        # anything (numpy and PyTorch leave arbitrary values there).
+        strides = [t.strides[i] * size if shape[i] > 1 else 0 for i in range(len(shape))]
+    raw = np.frombuffer(ffi.buffer(ffi.cast("uint8_t *", info.low), info.span), dtype=np.uint8)
     unit = _UINT_BY_SIZE[size].numpy
     src = np.lib.stride_tricks.as_strided(
-        raw.view(unit)[-lo:], shape=shape, strides=[s * size for s in strides], writeable=False
+        raw[info.origin :].view(unit), shape=shape, strides=strides, writeable=False
     )
     dst = out.as_slice(_UINT_BY_SIZE[size], wait=False).reshape(shape)
     np.copyto(dst, src)
@@ -272,6 +299,16 @@ def _copy_from_tensor(device: Device, t: Any, info: Any, dt: DType, shape: tuple
 
 
 def _consume(capsule: Any, device: Device, copy: bool | None) -> Buffer:
+    """A Buffer from an unconsumed capsule: the tensor itself (the storage
+    then owns it) or a copy (the capsule keeps it, and its destructor gives
+    it back to the producer).
+
+    Exception-safe: the capsule is renamed to "used" before the import
+    takes the tensor and renamed back if the import fails, and the storage
+    goes straight into Buffer._from_storage, which owns it before anything
+    else can fail. So whatever raises, the tensor has exactly one owner (the
+    capsule or the storage) and its deleter runs once.
+    """
     if _PyCapsule_IsValid(capsule, _NAME_BYTES[1]):
         versioned = 1
     elif _PyCapsule_IsValid(capsule, _NAME_BYTES[0]):
@@ -289,12 +326,17 @@ def _consume(capsule: Any, device: Device, copy: bool | None) -> Buffer:
     shape = tuple(int(t.shape[i]) for i in range(info.ndim))
     if copy is not True:
         res = ffi.new("cm_alloc_result_t *")
-        status = lib.cm_dlpack_import(device._handle, ptr, versioned, 1, res, info)
+        # Claimed before the import: the capsule's destructor then leaves
+        # the tensor alone whatever happens next.
+        _PyCapsule_SetName(capsule, _USED_NAME[versioned])
+        status = -1
+        try:
+            status = lib.cm_dlpack_import(device._handle, ptr, versioned, 1, res, info)
+        finally:
+            if status != 0:
+                # Not taken: the capsule owns the tensor again.
+                _PyCapsule_SetName(capsule, _NAME[versioned])
         if status == 0:
-            # From here the storage owns the tensor (its deleter runs when
-            # the storage dies); renaming tells the producer's capsule
-            # destructor to leave it alone.
-            _PyCapsule_SetName(capsule, _USED_NAME[versioned])
             return Buffer._from_storage(
                 device, res.storage, res.contents, res.byte_len, dt, shape, byte_offset=info.byte_offset
             )

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import errno as _errno
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from mlxbuf._cmetal import ffi, lib
@@ -20,6 +25,9 @@ __all__ = [
     "Unsupported",
     "FileError",
     "check",
+    "file_error",
+    "file_errors",
+    "not_a_regular_file",
 ]
 
 
@@ -105,12 +113,95 @@ class Unsupported(MlxError, NotImplementedError):
 
 
 class FileError(MlxError, OSError):
-    """A file operation failed (file-backed buffers); the message names the path and the reason."""
+    """A file operation failed: the message names the path and the reason.
+
+    Also the builtin ``OSError`` subclass that matches ``errno``
+    (``FileNotFoundError``, ``PermissionError``, ``IsADirectoryError``,
+    ``NotADirectoryError``, ``FileExistsError``; plain ``OSError``
+    otherwise), so ``except FileNotFoundError`` catches a missing file as it
+    would for ``open()``. ``errno``, ``strerror`` and ``filename`` are set
+    as on any OSError.
+    """
 
     def __str__(self) -> str:
         # OSError's own str() becomes "[Errno n] None: filename" once errno
         # and filename are set as attributes, dropping the message.
         return str(self.args[0]) if self.args else ""
+
+
+class FileNotFoundFileError(FileError, FileNotFoundError):
+    """A FileError for a path that does not exist (also a FileNotFoundError)."""
+
+
+class PermissionFileError(FileError, PermissionError):
+    """A FileError for a path the process may not open (also a PermissionError)."""
+
+
+class IsADirectoryFileError(FileError, IsADirectoryError):
+    """A FileError for a directory where a file was expected (also an IsADirectoryError)."""
+
+
+class NotADirectoryFileError(FileError, NotADirectoryError):
+    """A FileError for a path through something that is not a directory (also a NotADirectoryError)."""
+
+
+class FileExistsFileError(FileError, FileExistsError):
+    """A FileError for a path that exists where it must not (also a FileExistsError)."""
+
+
+# OSError(errno, ...) itself picks the builtin subclass of an errno: asking
+# it keeps this table in step with Python's own mapping.
+_FILE_ERROR_BY_BUILTIN: dict[type[OSError], type[FileError]] = {
+    FileNotFoundError: FileNotFoundFileError,
+    PermissionError: PermissionFileError,
+    IsADirectoryError: IsADirectoryFileError,
+    NotADirectoryError: NotADirectoryFileError,
+    FileExistsError: FileExistsFileError,
+}
+
+
+def file_error(message: str, errno: int | None, filename: str | None, strerror: str | None = None) -> FileError:
+    """The FileError for a failure with ``errno`` on ``filename``: the
+    subclass that is also the matching builtin, with errno, strerror and
+    filename set. The one place file failures become exceptions."""
+    builtin = type(OSError(errno, "")) if errno else OSError
+    exc = _FILE_ERROR_BY_BUILTIN.get(builtin, FileError)(message)
+    exc.errno = errno
+    exc.strerror = strerror if strerror is not None else (os.strerror(errno) if errno else None)
+    exc.filename = filename
+    return exc
+
+
+@contextmanager
+def file_errors(filename: str, action: str) -> Iterator[None]:
+    """Turn an OSError raised inside the block into the matching FileError
+    "{action} {filename!r}: {reason}" (a FileError passes through)."""
+    try:
+        yield
+    except FileError:
+        raise
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise file_error(f"{action} {filename!r}: {reason}", exc.errno, filename, exc.strerror) from None
+
+
+def not_a_regular_file(filename: str, mode: int, action: str) -> FileError:
+    """The FileError for a path that exists but is not a regular file
+    (a directory, FIFO, socket or device): mlxbuf maps and replaces regular
+    files only, and opening the others can block or has side effects."""
+    kind = (
+        "a directory" if stat.S_ISDIR(mode)
+        else "a FIFO" if stat.S_ISFIFO(mode)
+        else "a socket" if stat.S_ISSOCK(mode)
+        else "a character device" if stat.S_ISCHR(mode)
+        else "a block device" if stat.S_ISBLK(mode)
+        else "not a regular file"
+    )
+    reason = f"not a regular file ({kind})" if kind != "not a regular file" else kind
+    # EISDIR for a directory, as open() for writing says; ENODEV for the
+    # rest, as mmap() says for a file it cannot map.
+    code = _errno.EISDIR if stat.S_ISDIR(mode) else _errno.ENODEV
+    return file_error(f"{action} {filename!r}: {reason}", code, filename, reason)
 
 
 _BY_STATUS: dict[int, type[MlxError]] = {

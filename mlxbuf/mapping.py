@@ -17,11 +17,12 @@ atomically (write a new file, then rename) while buffers map them, as
 from __future__ import annotations
 
 import os
+import stat
 from typing import TYPE_CHECKING, SupportsIndex
 
 from mlxbuf._cmetal import ffi, lib
 from mlxbuf.buffer import Buffer, _dtype_arg, _int_arg
-from mlxbuf.errors import FileError, InvalidArgument, error_for
+from mlxbuf.errors import InvalidArgument, error_for, file_error, file_errors, not_a_regular_file
 from mlxbuf.external import _default_shape
 
 if TYPE_CHECKING:
@@ -29,7 +30,39 @@ if TYPE_CHECKING:
     from mlxbuf.device import Device
     from mlxbuf.dtypes import DTypeLike
 
-__all__ = ["map_file", "map_fd"]
+__all__ = ["map_file", "map_fd", "open_regular_file"]
+
+_OPEN_FLAGS = getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+
+
+def open_regular_file(path: str, *, writable: bool = False) -> tuple[int, int]:
+    """``(fd, size)`` of the regular file at ``path``, opened for reading
+    (and writing when ``writable``); the caller closes ``fd``.
+
+    Anything but a regular file (directory, FIFO, socket, device) raises
+    FileError, as does any failure to open, naming the path. The type is
+    checked before the open, so a device is never opened, and again on the
+    open file, with an open that does not block: a FIFO swapped in between
+    would otherwise wait for a writer forever.
+    """
+    action = "cannot open" + (" for writing" if writable else "")
+    with file_errors(path, action):
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise not_a_regular_file(path, mode, action)
+        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | _OPEN_FLAGS)
+    try:
+        with file_errors(path, action):
+            info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise not_a_regular_file(path, info.st_mode, action)
+        # Reads of a regular file ignore O_NONBLOCK; cleared anyway so that
+        # nothing downstream inherits a surprising flag.
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, info.st_size
 
 
 def map_fd(
@@ -41,9 +74,16 @@ def map_fd(
     res = ffi.new("cm_alloc_result_t *")
     status = lib.cm_storage_map_file(device._handle, fd, offset, length, 1 if writable else 0, res)
     if status:
+        # C leaves the failed system call's errno; read it before the next
+        # C call (the message's) replaces it.
+        errno = ffi.errno
         exc = error_for(status)
-        if path is not None:
-            exc.args = (f"{path}: {exc.args[0]}",) + exc.args[1:]
+        if path is None:
+            raise exc
+        message = f"{path}: {exc.args[0]}"
+        if status == lib.CM_ERR_IO:
+            raise file_error(message, errno or None, path)
+        exc.args = (message,)
         raise exc
     return Buffer._from_storage(device, res.storage, res.contents, res.byte_len, "u8", (res.byte_len,))
 
@@ -74,17 +114,8 @@ def map_file(
     offset = _int_arg(offset, "offset")
     if length is not None:
         length = _int_arg(length, "length", minimum=1)
-    flags = (os.O_RDWR if writable else os.O_RDONLY) | getattr(os, "O_CLOEXEC", 0)
+    fd, size = open_regular_file(path, writable=writable)
     try:
-        fd = os.open(path, flags)
-    except OSError as exc:
-        raise FileError(
-            f"cannot open {path!r}{' for writing' if writable else ''}: {exc.strerror}",
-            errno=exc.errno,
-            filename=path,
-        ) from None
-    try:
-        size = os.fstat(fd).st_size
         if offset > size:
             raise InvalidArgument(f"{path}: offset {offset} is beyond the end of the {size}-byte file")
         span = size - offset if length is None else length

@@ -74,3 +74,10 @@ def run_clean(script, timeout=120, **env):
     assert proc.stderr == "", proc.stderr
     assert proc.stdout.splitlines()[-1:] == ["ok"], proc.stdout
     return proc.stdout
+
+
+def fuzz_examples(default):
+    """Examples for a fuzzing test: ``default`` under the plain test command,
+    MLXBUF_FUZZ_EXAMPLES for a longer opt-in run (e.g. 100000, under
+    .ci/sanitize.sh's build for memory errors too)."""
+    return int(os.environ.get("MLXBUF_FUZZ_EXAMPLES", "") or default)

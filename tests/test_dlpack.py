@@ -9,12 +9,12 @@ import weakref
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mlxbuf
 from mlxbuf._cmetal import ffi, lib
-from support import assert_names
+from support import assert_names, fuzz_examples
 
 try:
     import torch
@@ -550,3 +550,281 @@ def test_kdlmetal_tensor_on_a_host_device_is_refused(host_device, other_device):
         mlxbuf.from_dlpack(cap, device=host_device)
     assert_names(excinfo, "device type 8")
     assert capsule_name(cap) == "dltensor_versioned"
+
+
+# ---- hostile producers: hand-built tensors -------------------------------------------------
+
+_CapsuleNew = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p)(
+    ("PyCapsule_New", ctypes.pythonapi)
+)
+_DESTRUCTOR = int(ffi.cast("uintptr_t", lib.cm_py_capsule_destructor()))
+U64 = 1 << 64
+
+
+class HandMade:
+    """A DLManagedTensor(Versioned) with any field values, whose deleter counts its calls.
+
+    ``data`` is an address (int); ``capsule()`` wraps the tensor in a capsule
+    with mlxbuf's capsule destructor, which runs the deleter of a capsule
+    nobody consumed, as producers do.
+    """
+
+    def __init__(self, data, shape, strides=None, byte_offset=0, dtype=(lib.kDLFloat, 32, 1),
+                 device=(lib.kDLCPU, 0), versioned=True):
+        self.deleted = 0
+        self.versioned = versioned
+        kind = "DLManagedTensorVersioned" if versioned else "DLManagedTensor"
+        self.managed = ffi.new(f"{kind} *")
+        self._shape = ffi.new("int64_t[]", list(shape) or [1])
+        self._strides = ffi.new("int64_t[]", list(strides)) if strides is not None else ffi.NULL
+
+        def deleter(_self):
+            self.deleted += 1
+
+        self._deleter = ffi.callback(f"void({kind} *)", deleter)
+        if versioned:
+            self.managed.version.major, self.managed.version.minor = 1, 1
+        self.managed.deleter = self._deleter
+        t = self.managed.dl_tensor
+        t.data = ffi.cast("void *", data)
+        t.device.device_type, t.device.device_id = device
+        t.ndim = len(shape)
+        t.dtype.code, t.dtype.bits, t.dtype.lanes = dtype
+        t.shape = self._shape
+        t.strides = self._strides
+        t.byte_offset = byte_offset
+
+    def capsule(self):
+        name = b"dltensor_versioned" if self.versioned else b"dltensor"
+        return _CapsuleNew(int(ffi.cast("uintptr_t", self.managed)), name, _DESTRUCTOR)
+
+
+def refused_and_given_back(made, device, copy, fragment):
+    """Importing the hand-made tensor raises BufferError naming ``fragment``,
+    makes no storage, and leaves the capsule to give the tensor back once."""
+    caps = [made.capsule()]
+    with pytest.raises(BufferError) as excinfo:
+        mlxbuf.from_dlpack(caps[0], device=device, copy=copy)
+    assert_names(excinfo, fragment)
+    del excinfo
+    assert device.stats().live_storages == 0
+    assert given_back(made, caps)
+
+
+def given_back(made, caps):
+    """Dropping the only reference to an unconsumed capsule (``caps``, a
+    one-element list) gives the tensor back exactly once."""
+    assert capsule_name(caps[0]).startswith("dltensor")
+    caps.clear()  # reference counting frees it: no collection needed
+    return made.deleted == 1
+
+
+@pytest.mark.parametrize("copy", [None, True, False])
+@pytest.mark.parametrize("strides", [None, (1, 2)], ids=["contiguous", "strided"])
+def test_null_data_is_refused_on_every_path(host_device, copy, strides):
+    """A NULL data pointer with elements to read was copied from (copy=True,
+    or a strided tensor with copy=None), handing out whatever lay at low
+    addresses: the copy path now refuses what the zero-copy path refuses."""
+    refused_and_given_back(HandMade(0, (2, 2), strides), host_device, copy, "NULL")
+
+
+def test_null_data_of_an_empty_tensor_is_fine(host_device):
+    made = HandMade(0, (3, 0))
+    buf = mlxbuf.from_dlpack(made.capsule(), device=host_device)
+    assert buf.shape == (3, 0) and buf.numpy().size == 0
+    gc.collect()
+    assert made.deleted == 1
+
+
+@pytest.mark.parametrize(
+    "byte_offset, strides, copy",
+    [
+        (U64 - 16, None, None),  # gave a writable Buffer 16 bytes before the producer's memory
+        (U64 - 16, None, True),
+        (1 << 63, None, True),  # segfaulted
+        ((1 << 63) + (1 << 62), None, None),
+        (0, (-(1 << 50),), True),  # negative strides below address 0
+        (0, ((1 << 61),), True),  # positive strides past 2**64
+        (U64 - 8, (1,), True),
+    ],
+    ids=["offset-2**64-16", "offset-2**64-16-copy", "offset-2**63-copy", "offset-3*2**62", "strides-below-0",
+         "strides-past-2**64", "offset-near-end-strided"],
+)
+def test_address_range_that_wraps_is_refused(host_device, byte_offset, strides, copy):
+    backing = np.arange(16, dtype=np.float32)
+    made = HandMade(backing.ctypes.data, (4,), strides, byte_offset=byte_offset)
+    refused_and_given_back(made, host_device, copy, "outside the address space")
+
+
+@settings(max_examples=fuzz_examples(100), deadline=None)
+@given(
+    start=st.integers(0, 256),
+    shape=st.lists(st.integers(0, 4), min_size=0, max_size=3),
+    strides=st.one_of(st.none(), st.lists(st.integers(-9, 9), min_size=3, max_size=3)),
+    wild=st.sampled_from([0, 1 << 63, (1 << 63) + (1 << 62), U64 - 4096, U64 - 1]),
+    null=st.booleans(),
+    versioned=st.booleans(),
+    copy=st.sampled_from([None, True]),
+)
+def test_hand_made_tensors_fuzz(start, shape, strides, wild, null, versioned, copy):
+    """Random fields over a real array: an import either reads exactly the
+    elements the fields describe, or raises BufferError; the tensor is given
+    back exactly once either way. (Offsets that merely point at unmapped
+    memory are a lying producer no consumer can detect; every value of
+    ``wild`` is one no memory can be at.)"""
+    backing = (np.arange(1024) % 251).astype(np.float32)
+    strides = None if strides is None else strides[: len(shape)]
+    n = int(np.prod(shape))
+    data = 0 if null else backing.ctypes.data + 4 * 512  # room on both sides for negative strides
+    byte_offset = 4 * start + wild if 4 * start + wild < U64 else wild - 4 * start
+    made = HandMade(data, shape, strides, byte_offset=byte_offset, versioned=versioned)
+    caps = [made.capsule()]
+    el_strides = strides
+    if el_strides is None:
+        el_strides, step = [0] * len(shape), 1
+        for i in reversed(range(len(shape))):
+            el_strides[i], step = step, step * shape[i]
+    valid = n == 0 or not (null or wild)
+    try:
+        buf = mlxbuf.from_dlpack(caps[0], device=mlxbuf.default_device(), copy=copy)
+    except BufferError:
+        buf = None  # the traceback (which holds the capsule) goes with the except block
+    if buf is None:
+        assert not valid
+        assert given_back(made, caps)
+        return
+    assert valid, "an import of a tensor outside the address space succeeded"
+    expected = np.empty(shape, np.float32)
+    for index in np.ndindex(*shape):
+        expected[index] = backing[512 + start + sum(i * s for i, s in zip(index, el_strides))]
+    np.testing.assert_array_equal(buf.numpy(), expected)
+    del buf
+    caps.clear()
+    assert made.deleted == 1
+
+
+def test_legacy_hand_made_tensor_with_a_wrapping_offset(host_device):
+    backing = np.zeros(4, np.float32)
+    made = HandMade(backing.ctypes.data, (4,), byte_offset=U64 - 4, versioned=False)
+    refused_and_given_back(made, host_device, True, "outside the address space")
+
+
+# ---- export arguments: checked before anything is exported ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, fragment",
+    [
+        ({"max_version": (1, -1)}, BufferError, "(1, -1)"),
+        ({"max_version": (-1, 0)}, BufferError, "(-1, 0)"),
+        ({"max_version": (1, 1 << 32)}, BufferError, str(1 << 32)),
+        ({"max_version": (1,)}, BufferError, "(1,)"),
+        ({"max_version": (1, 0, 0)}, BufferError, "(1, 0, 0)"),
+        ({"max_version": (True, 0)}, BufferError, "True"),
+        ({"max_version": "10"}, BufferError, "'10'"),
+        ({"max_version": (1, 0.5)}, BufferError, "0.5"),
+        ({"dl_device": (1,)}, BufferError, "(1,)"),
+        ({"dl_device": (1, 1 << 40)}, BufferError, str(1 << 40)),
+        ({"stream": "default"}, BufferError, "'default'"),
+        ({"stream": 1.0}, BufferError, "1.0"),
+        ({"copy": "yes"}, TypeError, "'yes'"),
+        ({"copy": 1}, TypeError, "1"),
+    ],
+)
+def test_bad_export_arguments_leak_nothing(device, kwargs, error, fragment):
+    """max_version=(1, -1) raised OverflowError after the export had taken
+    its storage reference: 1,000 such calls leaked 1 GiB."""
+    buf = filled(device)
+    live = device.stats().live_storages
+    for _ in range(200):
+        with pytest.raises(error) as excinfo:
+            buf.__dlpack__(**kwargs)
+    assert_names(excinfo, fragment)
+    del excinfo
+    gc.collect()
+    assert refcount(buf) == 1
+    assert device.stats().live_storages == live
+
+
+def test_numpy_integers_are_fine_export_arguments(device):
+    buf = filled(device)
+    cap = buf.__dlpack__(max_version=(np.int64(1), np.uint8(0)), dl_device=(np.int32(1), np.int32(0)))
+    assert capsule_name(cap) == "dltensor_versioned"
+
+
+def test_a_failure_after_the_export_releases_it(device, monkeypatch):
+    buf = filled(device)
+
+    def fail(*args):
+        raise MemoryError("injected")
+
+    monkeypatch.setattr(mlxbuf.dlpack, "_PyCapsule_New", fail)
+    for max_version in (None, (1, 0)):
+        with pytest.raises(MemoryError):
+            buf.__dlpack__(max_version=max_version)
+    assert refcount(buf) == 1
+
+
+# ---- import: exception-safe end to end ------------------------------------------------------
+
+
+def test_a_failure_after_the_import_frees_the_tensor_once(host_device, monkeypatch):
+    """The storage took the tensor; the Buffer around it then fails (injected
+    in its shape validation): the storage is released and runs the
+    producer's deleter exactly once, and the capsule, consumed, does not."""
+    backing = np.arange(8, dtype=np.float32)
+    made = HandMade(backing.ctypes.data, (8,))
+    capsule = made.capsule()
+
+    def fail(shape):
+        raise RuntimeError("injected after the import")
+
+    monkeypatch.setattr(mlxbuf.buffer, "_shape_arg", fail)
+    with pytest.raises(RuntimeError):
+        mlxbuf.from_dlpack(capsule, device=host_device)
+    monkeypatch.undo()
+    gc.collect()
+    assert made.deleted == 1
+    assert capsule_name(capsule) == "used_dltensor_versioned"
+    del capsule
+    gc.collect()
+    assert made.deleted == 1
+    assert host_device.stats().live_storages == 0
+
+
+def test_a_failure_before_the_import_leaves_the_capsule_whole(host_device, monkeypatch):
+    backing = np.arange(8, dtype=np.float32)
+    made = HandMade(backing.ctypes.data, (8,))
+    capsule = made.capsule()
+
+    def fail(*args):
+        raise RuntimeError("injected before the import")
+
+    monkeypatch.setattr(mlxbuf.dlpack, "_PyCapsule_SetName", fail)
+    with pytest.raises(RuntimeError):
+        mlxbuf.from_dlpack(capsule, device=host_device)
+    monkeypatch.undo()
+    assert made.deleted == 0
+    buf = mlxbuf.from_dlpack(capsule, device=host_device)  # still importable
+    assert buf.data_ptr == backing.ctypes.data
+    del buf
+    gc.collect()
+    assert made.deleted == 1
+
+
+@pytest.mark.parametrize("copy", [None, False])
+def test_a_failed_import_gives_the_tensor_back_to_the_capsule(host_device, copy):
+    """The import claims the capsule first; when the wrap fails (an injected
+    allocation failure) the claim is undone, so the capsule's destructor
+    still frees the tensor."""
+    backing = np.arange(8, dtype=np.float32)
+    made = HandMade(backing.ctypes.data, (8,))
+    caps = [made.capsule()]
+    host_device._debug_fail_alloc(1)
+    try:
+        with pytest.raises(mlxbuf.BufferAllocationError):
+            mlxbuf.from_dlpack(caps[0], device=host_device, copy=copy)
+    finally:
+        host_device._debug_fail_alloc(0)
+    assert made.deleted == 0
+    assert given_back(made, caps)

@@ -1,6 +1,9 @@
 """CommandEncoder: copy/fill, offsets, status, errors, context manager and in-flight holds."""
 
 import gc
+import subprocess
+import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -128,6 +131,89 @@ def test_dropping_everything_with_a_pool(device):
     assert (dst.numpy() == expected).all()
     assert pool.free_count == 1  # src came back once the command buffer completed
     pool.close()
+
+
+def test_wait_returns_after_every_hold_is_released(device):
+    """wait() means the holds are gone, each semantic asserted directly:
+    pooled storages are back in their pool, dropped storages' removals are
+    staged, external memory's owner is released, writer counts are zero."""
+    pool = mlxbuf.BufferPool(device)
+    rs = device.residency_set
+    owner = np.arange(4096, dtype=np.uint8)
+    owner_ref = weakref.ref(owner)
+    external = mlxbuf.Buffer.from_raw(device, owner.ctypes.data, owner.nbytes, owner=owner) \
+        if device.backend == "host" else device.from_numpy(owner, copy=True)
+    del owner
+    pooled = pool.alloc(4096, "u8", (4096,))
+    scratch = device.alloc_buffer(4096, "u8", (4096,))
+    kept = device.alloc_buffer(4096, "u8", (4096,))
+    registered = rs.allocation_count if rs is not None else 0
+    enc = device.command_encoder()
+    enc.copy(external, pooled)
+    enc.copy(pooled, scratch)
+    enc.copy(scratch, kept)
+    enc.fill(pooled, 7)
+    del external, pooled, scratch
+    gc.collect()
+    assert enc.hold_count == 4
+    assert pool.free_count == 0, "a held pooled storage went back to its pool"
+    if rs is not None:
+        assert rs.allocation_count == registered, "a held storage's removal was staged"
+    enc.commit()
+    enc.wait()
+    assert enc.hold_count == 0
+    assert pool.free_count == 1, "the pooled storage is not back in its pool after wait()"
+    if rs is not None:
+        assert rs.allocation_count == registered - 1, "the dropped storage's removal is not staged after wait()"
+        assert rs.pending
+    if device.backend == "host":
+        assert owner_ref() is None, "the external memory's owner outlived wait()"
+    assert kept._info().inflight_writers == 0
+    stats = device.stats()
+    assert stats.completed == stats.submitted
+    assert (kept.numpy() == np.arange(4096, dtype=np.uint8)).all()
+    pool.close()
+
+
+# The C completion must release the holds before it marks the command buffer
+# done and wakes wait(). Dropping an external storage's owner takes the GIL,
+# and here each owner's finalizer lets the GIL go again (a short sleep), so
+# the thread returning from wait() gets it while owners remain: with the
+# order swapped, owners are still alive right after wait() in most rounds.
+HOLDS_BEFORE_WAKE = r"""
+import sys, time, weakref, numpy as np, mlxbuf
+
+class Owner:
+    def __init__(self):
+        self.memory = np.ones(256, np.uint8)
+
+    def __del__(self):
+        time.sleep(0.0002)
+
+dev = mlxbuf.Device("host")
+alive = 0
+rounds = int(sys.argv[1])
+for _ in range(rounds):
+    owners = [Owner() for _ in range(16)]
+    refs = [weakref.ref(o) for o in owners]
+    enc = dev.command_encoder()
+    for o in owners:
+        enc.fill(mlxbuf.Buffer.from_raw(dev, o.memory.ctypes.data, o.memory.nbytes, owner=o), 7)
+    del owners, o
+    enc.commit()
+    enc.wait()
+    if any(r() is not None for r in refs):
+        alive += 1
+print(alive, rounds)
+"""
+
+
+def test_wait_returns_after_the_holds_are_released_many_rounds():
+    proc = subprocess.run([sys.executable, "-c", HOLDS_BEFORE_WAKE, "200"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    alive, rounds = map(int, proc.stdout.split())
+    assert alive == 0, f"the owner of a held storage was alive right after wait() in {alive} of {rounds} rounds"
 
 
 def test_numpy_waits_for_submitted_writers(device):

@@ -5,11 +5,11 @@ import os
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mlxbuf
-from support import assert_names
+from support import assert_names, fuzz_examples
 
 FILE_BYTES = 3 * 4096 + 123
 
@@ -191,3 +191,39 @@ def test_any_range_matches_the_file(tmp_path_factory, offset, data):
     dev = mlxbuf.default_device()
     buf = dev.map_file(path, offset, length)
     assert bytes(buf.memoryview()) == payload[offset : offset + length]
+
+
+EDGE_SIZES = [0, 1, 4095, 4096, 4097, 3 * 4096 + 123]
+HOSTILE = st.one_of(
+    st.integers(0, 5 * 4096),
+    st.sampled_from([-1, 2**31, 2**32, 2**63 - 1, 2**63, 2**64 - 1, 2**64, 2**80]),
+)
+
+
+@settings(max_examples=fuzz_examples(150), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    size=st.sampled_from(EDGE_SIZES),
+    offset=HOSTILE,
+    length=st.one_of(st.none(), HOSTILE),
+    dtype=st.sampled_from(["u8", "f32", "f64", "bf16"]),
+    shape=st.one_of(st.none(), st.lists(st.one_of(st.integers(0, 64), st.sampled_from([2**63, 2**64])), max_size=3)),
+    writable=st.booleans(),
+)
+def test_hostile_ranges_map_exactly_or_raise(tmp_path_factory, size, offset, length, dtype, shape, writable):
+    """Any offset, length, dtype and shape on files at page edges: either
+    the Buffer is exactly those bytes of the file, or a clean MlxError
+    (TypeError for what is not a number); nothing maps past the file."""
+    path = tmp_path_factory.getbasetemp() / f"edge-{size}.bin"
+    if not path.exists():
+        path.write_bytes(bytes((i * 7) % 251 for i in range(size)))
+    payload = path.read_bytes()
+    dev = mlxbuf.Device("host")
+    try:
+        buf = dev.map_file(path, offset, length, dtype=dtype, shape=shape, writable=writable)
+    except mlxbuf.MlxError:
+        assert dev.active_memory == 0
+        return
+    span = size - offset if length is None else length
+    assert 0 <= offset and offset + span <= size and span > 0
+    assert bytes(buf.memoryview()) == payload[offset : offset + buf.nbytes]
+    assert buf.nbytes <= span
