@@ -63,7 +63,11 @@ if COVERAGE:
     LINK_FLAGS = [*LINK_FLAGS, "--coverage"]
 
 # How metal.m is compiled wherever it is: on macOS, and in a simulator build.
-METAL_OBJC_FLAGS = ["-fobjc-arc", "-fblocks"]
+# -fobjc-arc-exceptions: an Objective-C exception that a Metal call raises
+# unwinds through ARC frames that metal.m catches further up; without the
+# flag ARC does not release what those frames hold, so every caught
+# exception would leak (clang's ARC documentation, "Exceptions").
+METAL_OBJC_FLAGS = ["-fobjc-arc", "-fobjc-arc-exceptions", "-fblocks"]
 
 # Sources are relative to the project root, where setuptools runs;
 # `python build_ffi.py` makes them absolute (see build_in_place).
