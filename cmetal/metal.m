@@ -793,7 +793,7 @@ static int get_builtins(cm_metal_state_t *st, cm_metal_builtins_t **out)
 
 /* A byte range that a command of the open blit encoder reads or writes. */
 typedef struct cm_metal_span {
-    cm_native_t buffer;
+    const void *buffer;               /* the MTLBuffer, for identity only */
     uint64_t offset, size;
     bool write;
 } cm_metal_span_t;
@@ -934,6 +934,9 @@ static int encode_copy(cm_metal_encoding_t *enc, const cm_metal_builtins_t *buil
                        uint64_t n)
 {
     if (aligned4(src_off, dst_off, n)) {
+        cm_metal_span_t touched[2] = {{(__bridge const void *)src, src_off, n, false},
+                                      {(__bridge const void *)dst, dst_off, n, true}};
+        order_blit(enc, touched, 2);
         id<MTLBlitCommandEncoder> blit = blit_encoder(enc);
         if (!blit)
             return no_encoder("blit");
@@ -942,6 +945,7 @@ static int encode_copy(cm_metal_encoding_t *enc, const cm_metal_builtins_t *buil
                     toBuffer:dst
            destinationOffset:(NSUInteger)dst_off
                         size:(NSUInteger)n];
+        note_blit(enc, touched, 2);
         return CM_OK;
     }
     cm_metal_bytes_args_t args = {src_off, dst_off, n, 0, 0};
@@ -953,10 +957,13 @@ static int encode_fill(cm_metal_encoding_t *enc, const cm_metal_builtins_t *buil
                        id<MTLBuffer> dst, uint64_t off, uint64_t n, uint8_t value)
 {
     if (aligned4(off, n, 0)) {
+        cm_metal_span_t touched = {(__bridge const void *)dst, off, n, true};
+        order_blit(enc, &touched, 1);
         id<MTLBlitCommandEncoder> blit = blit_encoder(enc);
         if (!blit)
             return no_encoder("blit");
         [blit fillBuffer:dst range:(NSRange){(NSUInteger)off, (NSUInteger)n} value:value];
+        note_blit(enc, &touched, 1);
         return CM_OK;
     }
     cm_metal_bytes_args_t args = {0, off, n, value, 0};
@@ -981,11 +988,6 @@ static int encode_op(cm_metal_state_t *st, cm_metal_encoding_t *enc,
         uint64_t dof = op->dst_offset + op->dst->native_offset;
         id<MTLBuffer> src = as_buffer(op->src->native);
         id<MTLBuffer> dst = as_buffer(op->dst->native);
-        cm_metal_span_t touched[2] = {{op->src->native, so, op->nbytes, false},
-                                      {op->dst->native, dof, op->nbytes, true}};
-        bool blit = aligned4(so, dof, op->nbytes);
-        if (blit)
-            order_blit(enc, touched, 2);
         int rc;
         if (op->src->native == op->dst->native && ranges_overlap(so, dof, op->nbytes)) {
             /* Blits and the byte kernel are undefined on overlapping
@@ -993,7 +995,8 @@ static int encode_op(cm_metal_state_t *st, cm_metal_encoding_t *enc,
              * storages can adopt the same MTLBuffer, which only the native
              * pointers show; a scratch buffer gives memmove semantics. The
              * command buffer keeps the scratch buffer alive until it
-             * completes. */
+             * completes. The second copy reads what the first wrote, so
+             * as blits they go to two encoders (encode_copy orders them). */
             id<MTLBuffer> tmp = [st_device(st) newBufferWithLength:(NSUInteger)op->nbytes
                                                            options:kSharedOptions];
             if (!tmp) {
@@ -1008,21 +1011,12 @@ static int encode_op(cm_metal_state_t *st, cm_metal_encoding_t *enc,
         } else {
             rc = encode_copy(enc, builtins, src, so, dst, dof, op->nbytes);
         }
-        if (rc == CM_OK && blit)
-            note_blit(enc, touched, 2);
         return rc;
     }
     case CM_OP_FILL: {
         uint64_t off = op->dst_offset + op->dst->native_offset;
-        cm_metal_span_t touched = {op->dst->native, off, op->nbytes, true};
-        bool blit = aligned4(off, op->nbytes, 0);
-        if (blit)
-            order_blit(enc, &touched, 1);
-        int rc = encode_fill(enc, builtins, as_buffer(op->dst->native), off, op->nbytes,
-                             (uint8_t)op->value);
-        if (rc == CM_OK && blit)
-            note_blit(enc, &touched, 1);
-        return rc;
+        return encode_fill(enc, builtins, as_buffer(op->dst->native), off, op->nbytes,
+                           (uint8_t)op->value);
     }
     case CM_OP_DISPATCH: {
         id<MTLComputeCommandEncoder> ce = compute_encoder_for_dispatch(enc);
