@@ -74,7 +74,10 @@ METAL_OBJC_FLAGS = ["-fobjc-arc", "-fobjc-arc-exceptions", "-fblocks"]
 SOURCES = sorted(glob.glob("cmetal/*.c", root_dir=HERE)) + (["cmetal/metal.m"] if IS_MACOS else [])
 
 COMPILE_ARGS = ["-std=c11", "-Wall", *OPT_FLAGS] + (METAL_OBJC_FLAGS if IS_MACOS else [])
-LINK_ARGS = LINK_FLAGS + (["-framework", "Metal", "-framework", "Foundation"] if IS_MACOS else [])
+# CoreGraphics: without it MTLCreateSystemDefaultDevice() can return nil in
+# a command-line process (metal.m then falls back to MTLCopyAllDevices()).
+MACOS_FRAMEWORKS = ["-framework", "Metal", "-framework", "Foundation", "-framework", "CoreGraphics"]
+LINK_ARGS = LINK_FLAGS + (MACOS_FRAMEWORKS if IS_MACOS else [])
 DEFINE_MACROS = [("CM_HAVE_METAL", "1")] if IS_MACOS else []
 LIBRARIES = ["pthread"] if IS_LINUX else []
 INCLUDE_DIRS = ["cmetal"]

@@ -379,11 +379,31 @@ static void metal_rset_request(void *rset)
 /* Device                                                              */
 /* ------------------------------------------------------------------ */
 
+/* The GPU to open. MTLCreateSystemDefaultDevice() can return nil in a
+ * command-line process that has not loaded CoreGraphics (the build links
+ * it, but a host process may load mlxbuf in a way that keeps it out), while
+ * MTLCopyAllDevices() still lists the GPUs: then the first with unified
+ * memory (an Apple silicon GPU, whose Shared buffers the CPU sees without
+ * a copy) is taken. */
+static id<MTLDevice> system_device(void)
+{
+    id<MTLDevice> device = MTLCreateSystemDefaultDevice();
+    if (device)
+        return device;
+    NSArray<id<MTLDevice>> *all = MTLCopyAllDevices();
+    for (NSUInteger i = 0; i < all.count; i++) {
+        id<MTLDevice> candidate = [all objectAtIndex:i];
+        if (candidate.hasUnifiedMemory)
+            return candidate;
+    }
+    return nil;
+}
+
 static int metal_available(void)
 {
     @autoreleasepool {
         @try {
-            id<MTLDevice> device = MTLCreateSystemDefaultDevice();
+            id<MTLDevice> device = system_device();
             return device != nil;
         } @catch (NSException *e) {
             (void)e;
@@ -397,10 +417,11 @@ static int metal_open(cm_device_t *dev, void **state, cm_device_info_t *info)
     (void)dev;
     @autoreleasepool {
         @try {
-            id<MTLDevice> device = MTLCreateSystemDefaultDevice();
+            id<MTLDevice> device = system_device();
             if (!device)
                 return cm__fail(CM_ERR_DEVICE_NOT_FOUND,
-                                "no Metal device: MTLCreateSystemDefaultDevice() returned nil");
+                                "no Metal device: MTLCreateSystemDefaultDevice() returned nil "
+                                "and MTLCopyAllDevices() lists no GPU with unified memory");
             const char *name = ns_text(device.name, "unnamed Metal device");
             /* One queue per device: command buffers of one queue run and
              * complete in commit order, which the core's ordering relies on. */
