@@ -110,8 +110,9 @@ typedef struct cm_backend {
     int (*submit)(void *state, cm_cmdbuf_t *cb);
 
     /* Compute; a backend without compute reports CM_ERR_UNSUPPORTED from
-     * library_compile, so the others are never reached. */
-    int (*library_compile)(void *state, const char *source, void **lib);
+     * library_compile, so the others are never reached. fast_math: the
+     * compiler may trade IEEE semantics for speed; else it must not. */
+    int (*library_compile)(void *state, const char *source, bool fast_math, void **lib);
     void (*library_release)(void *lib);
     int (*kernel_create)(void *state, void *lib, const char *name,
                          void **pipeline, cm_kernel_info_t *info);

@@ -67,6 +67,7 @@ extern "C" {
 #define CM_NAME_MAX 128
 #define CM_MAX_RESIDENCY_SHARDS 32   /* Metal: residency sets per queue    */
 #define CM_MAX_KERNEL_ARGS 31        /* Metal: buffer argument table size  */
+#define CM_COMPILE_FAST_MATH 1       /* cm_library_compile: fast math on   */
 
 /* ------------------------------------------------------------------ */
 /* Opaque handles                                                      */
@@ -395,10 +396,13 @@ uint64_t cm_cmdbuf_hold_count(cm_cmdbuf_t *cb);  /* storages held now      */
 /* Compute                                                             */
 /* ------------------------------------------------------------------ */
 
-/* Compile shader source (Metal Shading Language). The compiler's message
- * is in cm_last_error() on CM_ERR_SHADER_COMPILATION. Host backend:
- * CM_ERR_UNSUPPORTED. */
-int cm_library_compile(cm_device_t *dev, const char *source, cm_library_t **out);
+/* Compile shader source (Metal Shading Language). flags: 0, or
+ * CM_COMPILE_FAST_MATH to let the compiler trade IEEE semantics for speed
+ * (no NaN or infinity, reassociation); without it floating point follows
+ * IEEE 754. The compiler's message is in cm_last_error() on
+ * CM_ERR_SHADER_COMPILATION. Host backend: CM_ERR_UNSUPPORTED. */
+int cm_library_compile(cm_device_t *dev, const char *source, uint32_t flags,
+                       cm_library_t **out);
 void cm_library_release(cm_library_t *lib);
 
 /* The compute pipeline for a function; cached per (library, name), so a

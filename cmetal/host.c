@@ -379,10 +379,11 @@ static void host_rset_request(void *rset)
 /* Compute (none)                                                      */
 /* ------------------------------------------------------------------ */
 
-static int host_library_compile(void *state, const char *source, void **lib)
+static int host_library_compile(void *state, const char *source, bool fast_math, void **lib)
 {
     (void)state;
     (void)source;
+    (void)fast_math;
     (void)lib;
     return cm__fail(CM_ERR_UNSUPPORTED,
                     "compute kernels need the Metal backend; the host backend has none");

@@ -753,6 +753,22 @@ typedef struct cm_metal_bytes_args {
 } cm_metal_bytes_args_t;
 _Static_assert(sizeof(cm_metal_bytes_args_t) == 32, "must match mlxbuf_bytes_args");
 
+/* Metal compiles with fast math unless told otherwise (the
+ * MTLCompileOptions default): the compiler may then assume no NaN or
+ * infinity and reassociate, so kernels silently lose IEEE 754 results.
+ * mlxbuf asks for it only when the caller opts in. macOS 15 replaced
+ * fastMathEnabled (deprecated there) with mathMode, whose Safe mode is the
+ * IEEE one. */
+static MTLCompileOptions *compile_options(bool fast_math)
+{
+    MTLCompileOptions *options = [[MTLCompileOptions alloc] init];
+    if (CM_MACOS15_AVAILABLE)
+        options.mathMode = fast_math ? MTLMathModeFast : MTLMathModeSafe;
+    else
+        options.fastMathEnabled = fast_math;
+    return options;
+}
+
 /* Threads per byte-kernel dispatch: enough to fill the GPU, few enough
  * that each thread loops over a handful of bytes of a large copy. */
 #define CM_METAL_BYTE_GRID_MAX (1u << 20)
@@ -782,8 +798,11 @@ static int get_builtins(cm_metal_state_t *st, cm_metal_builtins_t **out)
     }
     id<MTLDevice> device = st_device(st);
     NSError *err = nil;
+    /* The byte kernels only move bytes, so the math mode cannot change what
+     * they do; they get the same IEEE default as user kernels, so nothing
+     * mlxbuf compiles on its own ever runs under fast-math assumptions. */
     id<MTLLibrary> lib = [device newLibraryWithSource:ns_string(kBuiltinSource)
-                                              options:nil
+                                              options:compile_options(false)
                                                 error:&err];
     if (!lib)
         return cm__fail(CM_ERR_INTERNAL, "mlxbuf's built-in copy/fill kernels failed to compile: %s",
@@ -1230,7 +1249,7 @@ static int metal_submit(void *state, cm_cmdbuf_t *cb)
 /* Compute                                                             */
 /* ------------------------------------------------------------------ */
 
-static int metal_library_compile(void *state, const char *source, void **lib)
+static int metal_library_compile(void *state, const char *source, bool fast_math, void **lib)
 {
     cm_metal_state_t *st = state;
     @autoreleasepool {
@@ -1240,7 +1259,9 @@ static int metal_library_compile(void *state, const char *source, void **lib)
                             source ? "not valid UTF-8" : "NULL");
         @try {
             NSError *err = nil;
-            id<MTLLibrary> library = [st_device(st) newLibraryWithSource:text options:nil error:&err];
+            id<MTLLibrary> library = [st_device(st) newLibraryWithSource:text
+                                                                 options:compile_options(fast_math)
+                                                                   error:&err];
             /* err can be set alongside a library (warnings): only nil fails. */
             if (!library)
                 return cm__fail(CM_ERR_SHADER_COMPILATION, "%s", error_text(err));

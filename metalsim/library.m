@@ -37,6 +37,20 @@ NSErrorDomain const MTLLibraryErrorDomain = @"MTLLibraryErrorDomain";
     return self;
 }
 
+/* mathMode is macOS 15 API: on an older simulated macOS the selector is
+ * absent, as on a Mac. */
+static void math_mode_check(SEL cmd, id target)
+{
+    int major = msim__config().macos_major;
+    if (major >= 15)
+        return;
+    msim__invalid("macos15-api", "-[MTLCompileOptions %s] sent on simulated macOS %d: mathMode "
+                  "needs macOS 15 (use fastMathEnabled before)", sel_getName(cmd), major);
+    msim__raise(NSInvalidArgumentException,
+                "-[MTLCompileOptions %s]: unrecognized selector sent to instance %p",
+                sel_getName(cmd), (__bridge void *)target);
+}
+
 /* The two spellings of one setting: mathMode (macOS 15) refines it. */
 - (BOOL)fastMathEnabled { return _fastMathEnabled; }
 
@@ -46,10 +60,15 @@ NSErrorDomain const MTLLibraryErrorDomain = @"MTLLibraryErrorDomain";
     _mathMode = on ? MTLMathModeFast : MTLMathModeSafe;
 }
 
-- (MTLMathMode)mathMode { return _mathMode; }
+- (MTLMathMode)mathMode
+{
+    math_mode_check(_cmd, self);
+    return _mathMode;
+}
 
 - (void)setMathMode:(MTLMathMode)mode
 {
+    math_mode_check(_cmd, self);
     _mathMode = mode;
     _fastMathEnabled = mode == MTLMathModeFast;
 }

@@ -79,3 +79,15 @@ def test_shader_errors(metal_device):
     with pytest.raises(mlxbuf.KernelNotFound) as exc:
         lib.kernel("missing")
     assert_names(exc, "missing")
+
+
+@pytest.mark.parametrize("value", [1, "yes", None], ids=["int", "str", "none"])
+def test_fast_math_must_be_true_or_false(device, value):
+    with pytest.raises(mlxbuf.InvalidArgument) as exc:
+        device.compile_library(ADD_SOURCE, fast_math=value)
+    assert_names(exc, "fast_math", repr(value))
+
+
+def test_host_backend_has_no_compute_with_fast_math_either(host_device):
+    with pytest.raises(mlxbuf.Unsupported):
+        host_device.compile_library(ADD_SOURCE, fast_math=True)

@@ -838,7 +838,7 @@ def test_exception_ending_an_encoder(sim, metalsim_validation):
 @needs_sim
 def test_sources_and_names_that_are_not_utf8_at_the_c_boundary(sim):
     out = ffi.new("cm_library_t **")
-    assert lib.cm_library_compile(sim._handle, b"kernel void \xff() {}", out) == lib.CM_ERR_INVALID_ARGUMENT
+    assert lib.cm_library_compile(sim._handle, b"kernel void \xff() {}", 0, out) == lib.CM_ERR_INVALID_ARGUMENT
     assert b"not valid UTF-8" in ffi.string(lib.cm_last_error())
     library = sim.compile_library(ADD_SOURCE)
     kernel = ffi.new("cm_kernel_t **")
@@ -867,3 +867,30 @@ def test_an_exception_through_metal_m_leaks_nothing(sim):
     sim.synchronize()
     sim.residency_set.flush_pending()
     assert metalsim.stats()["live_buffers"] == live - 2
+
+
+# ---- compile options --------------------------------------------------------------------
+
+
+@needs_sim
+@pytest.mark.parametrize("macos", [15, 14], ids=["mathMode", "fastMathEnabled"])
+def test_libraries_compile_without_fast_math_unless_asked(sim, macos):
+    """Regression: libraries were compiled with options nil, which is Metal's
+    fast math. Now user libraries are IEEE unless compile_library is given
+    fast_math=True, and so are the built-in byte kernels. macOS 15 sets
+    mathMode, macOS 14 fastMathEnabled (mathMode does not exist there: the
+    simulator reports a macos15-api error if it is sent)."""
+    metalsim.configure(macos_version=macos)
+    dev = mlxbuf.Device("metal")
+    before = metalsim.stats()
+    ieee = dev.compile_library(ADD_SOURCE, name="ieee")
+    assert ieee.fast_math is False and repr(ieee) == "Library('ieee', device=metal)"
+    fast = dev.compile_library(ADD_SOURCE, "fast", fast_math=True)
+    assert fast.fast_math is True and repr(fast) == "Library('fast', fast_math=True, device=metal)"
+    a = dev.alloc_buffer(64, "u8", (64,))
+    b = dev.alloc_buffer(64, "u8", (64,))
+    with dev.command_encoder() as enc:  # unaligned: compiles the byte kernels
+        enc.copy(a.slice_view(1, 10), b)
+    after = metalsim.stats()
+    assert after["libraries_compiled"] - before["libraries_compiled"] == 3
+    assert after["libraries_fast_math"] - before["libraries_fast_math"] == 1

@@ -887,6 +887,22 @@ CASE(library_records_fast_math)
     msim_stats_t s1 = stats();
     CHECK(s1.libraries_compiled - s0.libraries_compiled == 4);
     CHECK(s1.libraries_fast_math - s0.libraries_fast_math == 2);
+    EXPECT_CLEAN();
+    CHECK(msim_configure(14, 0, 0, 0) == 0);  /* mathMode is macOS 15 API */
+    opts = [[MTLCompileOptions alloc] init];
+    opts.fastMathEnabled = NO;
+    EXPECT_CLEAN();
+    BOOL raised = NO;
+    @try {
+        opts.mathMode = MTLMathModeSafe;
+    } @catch (NSException *e) {
+        raised = [e.name isEqualToString:NSInvalidArgumentException];
+    }
+    CHECK(raised);
+    EXPECT_RULE("macos15-api");
+    CHECK(msim_configure(15, 0, 0, 0) == 0);
+    opts.mathMode = MTLMathModeSafe;
+    EXPECT_CLEAN();
 }
 
 /* ---- ordering of untracked resources -------------------------------------------------- */

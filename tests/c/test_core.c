@@ -471,7 +471,7 @@ static void test_copy_fill(void)
 
     /* No compute on the host backend. */
     cm_library_t *lib = (cm_library_t *)1;
-    CHECK(cm_library_compile(dev, "kernel void k() {}", &lib) == CM_ERR_UNSUPPORTED);
+    CHECK(cm_library_compile(dev, "kernel void k() {}", 0, &lib) == CM_ERR_UNSUPPORTED);
     CHECK_MSG("Metal backend");
     CHECK(lib == NULL);
     cm_library_release(NULL);
