@@ -283,10 +283,16 @@ static void op_free_arrays(cm_op_t *op)
     op->const_sizes = NULL;
 }
 
+static const char *read_only_what(const cm_storage_t *s)
+{
+    return s->kind == CM_STORAGE_MAPPED ? "a read-only file mapping" : "read-only memory";
+}
+
 static int dispatch_check(cm_cmdbuf_t *cb, cm_kernel_t *kernel, const uint64_t *grid,
                           const uint64_t *threadgroup, cm_storage_t *const *bufs,
-                          const uint64_t *offsets, size_t nbufs, const uint8_t *constants,
-                          const uint64_t *const_sizes, size_t nconsts, uint64_t *const_total)
+                          const uint64_t *offsets, const uint8_t *writes, size_t nbufs,
+                          const uint8_t *constants, const uint64_t *const_sizes,
+                          size_t nconsts, uint64_t *const_total)
 {
     if (kernel == NULL)
         return cm__fail(CM_ERR_INVALID_ARGUMENT, "cannot dispatch a NULL kernel");
@@ -315,6 +321,14 @@ static int dispatch_check(cm_cmdbuf_t *cb, cm_kernel_t *kernel, const uint64_t *
                             "buffer %zu binds at byte %llu, past the end of its %s storage",
                             i, (unsigned long long)off, BYTES(bufs[i]->byte_len, b1));
         }
+        if ((writes == NULL || writes[i]) && !bufs[i]->writable)
+            return cm__fail(CM_ERR_INVALID_ARGUMENT,
+                            "buffer %zu is %s, which kernel '%s' may not write, %s",
+                            i, read_only_what(bufs[i]), kernel->info.name,
+                            writes == NULL ? "and without writes= every buffer counts as "
+                                             "written: pass writes= with the indices of the "
+                                             "buffers the kernel writes"
+                                           : "but writes= lists it");
     }
     if (nconsts > 0 && (constants == NULL || const_sizes == NULL))
         return cm__fail(CM_ERR_INVALID_ARGUMENT,
@@ -333,8 +347,9 @@ static int dispatch_check(cm_cmdbuf_t *cb, cm_kernel_t *kernel, const uint64_t *
 
 int cm_cmdbuf_dispatch(cm_cmdbuf_t *cb, cm_kernel_t *kernel, const uint64_t *grid,
                        const uint64_t *threadgroup, cm_storage_t *const *bufs,
-                       const uint64_t *offsets, size_t nbufs, const uint8_t *constants,
-                       const uint64_t *const_sizes, size_t nconsts)
+                       const uint64_t *offsets, const uint8_t *writes, size_t nbufs,
+                       const uint8_t *constants, const uint64_t *const_sizes,
+                       size_t nconsts)
 {
     if (cb == NULL)
         return cm__fail(CM_ERR_INVALID_ARGUMENT, "cm_cmdbuf_dispatch: command buffer is NULL");
@@ -342,7 +357,7 @@ int cm_cmdbuf_dispatch(cm_cmdbuf_t *cb, cm_kernel_t *kernel, const uint64_t *gri
     if (rc != CM_OK)
         return rc;
     uint64_t const_total = 0;
-    rc = dispatch_check(cb, kernel, grid, threadgroup, bufs, offsets, nbufs, constants,
+    rc = dispatch_check(cb, kernel, grid, threadgroup, bufs, offsets, writes, nbufs, constants,
                         const_sizes, nconsts, &const_total);
     if (rc != CM_OK) {
         pthread_mutex_unlock(&cb->enc_lock);
@@ -382,10 +397,10 @@ int cm_cmdbuf_dispatch(cm_cmdbuf_t *cb, cm_kernel_t *kernel, const uint64_t *gri
     }
     atomic_fetch_add(&kernel->refcount, 1);
     cb->ops[cb->nops++] = op;
-    /* The core cannot see which arguments a kernel writes, so every bound
-     * buffer counts as written. */
+    /* Only what the kernel writes makes its storage wait for the GPU
+     * (cm_storage_wait_idle); the caller says which, or every buffer. */
     for (size_t i = 0; i < nbufs; i++)
-        cb_hold_locked(cb, bufs[i], true);
+        cb_hold_locked(cb, bufs[i], writes == NULL || writes[i] != 0);
     pthread_mutex_unlock(&cb->enc_lock);
     return CM_OK;
 }

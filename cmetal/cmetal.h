@@ -368,11 +368,15 @@ int cm_cmdbuf_fill(cm_cmdbuf_t *cb, cm_storage_t *s, uint64_t offset,
                    uint64_t nbytes, int value);
 
 /* Encode a compute dispatch of grid threads in threadgroups of tg threads.
- * Buffers bind at indices 0..nbufs-1 at their offsets; constant blobs
- * (concatenated in `constants`, sizes in const_sizes) bind after them. */
+ * Buffers bind at indices 0..nbufs-1 at their offsets (NULL: all at 0);
+ * writes[i] != 0 says the kernel writes buffer i (NULL: it writes them
+ * all). Only written storages count as in-flight writers, and a read-only
+ * storage may not be one. Constant blobs (concatenated in `constants`,
+ * sizes in const_sizes) bind after the buffers. */
 int cm_cmdbuf_dispatch(cm_cmdbuf_t *cb, cm_kernel_t *kernel,
                        const uint64_t *grid, const uint64_t *threadgroup,
-                       cm_storage_t *const *bufs, const uint64_t *offsets, size_t nbufs,
+                       cm_storage_t *const *bufs, const uint64_t *offsets,
+                       const uint8_t *writes, size_t nbufs,
                        const uint8_t *constants, const uint64_t *const_sizes,
                        size_t nconsts);
 

@@ -5,6 +5,8 @@ mlxbuf.metalsim.register_kernel (the simulator cannot compile MSL); on a
 Mac the MSL itself runs.
 """
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -91,3 +93,102 @@ def test_fast_math_must_be_true_or_false(device, value):
 def test_host_backend_has_no_compute_with_fast_math_either(host_device):
     with pytest.raises(mlxbuf.Unsupported):
         host_device.compile_library(ADD_SOURCE, fast_math=True)
+
+
+# ---- writes=: which buffers a kernel writes ------------------------------------------
+
+COPY_SOURCE = """
+kernel void copy_words(device const uint *src [[buffer(0)]],
+                       device uint *dst [[buffer(1)]],
+                       uint i [[thread_position_in_grid]]) { dst[i] = src[i]; }
+"""
+
+
+def copy_words_reference(grid, threadgroup, buffers, constants):
+    n = 4 * grid[0]
+    buffers[1][:n] = buffers[0][:n]
+
+
+@pytest.fixture
+def copy_kernel(metal_device):
+    if metalsim.available():
+        metalsim.register_kernel("copy_words", copy_words_reference)
+    return metal_device.compile_library(COPY_SOURCE).kernel("copy_words")
+
+
+@pytest.fixture
+def weights_file(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(np.arange(1024, dtype=np.uint32).tobytes())
+    return path
+
+
+@pytest.mark.requires_metal
+def test_a_read_only_mapping_binds_when_the_kernel_does_not_write_it(metal_device, copy_kernel, weights_file):
+    """Regression: every bound buffer counted as written, so a read-only
+    file mapping could be bound to no kernel at all."""
+    weights = metal_device.map_file(weights_file, dtype="u32")
+    out = metal_device.alloc_buffer(4096, "u32", (1024,))
+    with metal_device.command_encoder() as enc:
+        enc.dispatch(copy_kernel, 1024, 64, buffers=[weights, out], writes=[1])
+    np.testing.assert_array_equal(out.numpy(), np.arange(1024, dtype=np.uint32))
+
+
+@pytest.mark.requires_metal
+@pytest.mark.parametrize("writes", [None, [0, 1], (0,)], ids=["default-all", "both", "only-it"])
+def test_a_read_only_mapping_among_the_written_buffers_is_refused(metal_device, copy_kernel, weights_file, writes):
+    weights = metal_device.map_file(weights_file, dtype="u32")
+    out = metal_device.alloc_buffer(4096, "u32", (1024,))
+    enc = metal_device.command_encoder()
+    with pytest.raises(mlxbuf.InvalidArgument) as exc:
+        enc.dispatch(copy_kernel, 1024, 64, buffers=[weights, out], writes=writes)
+    assert_names(exc, "buffer 0", "read-only file mapping", "copy_words", "writes=")
+    assert enc.op_count == 0 and enc.hold_count == 0
+    enc.discard()
+
+
+@pytest.mark.requires_metal
+@pytest.mark.parametrize(
+    "writes, fragments",
+    [([2], ("writes index 2", "2 buffers")), ([-1], ("writes index", "-1")), ([True], ("bool",)),
+     ("1", ("collection",)), (1, ("collection",)), ([1.0], ("1.0",))],
+    ids=["past-the-end", "negative", "bool", "str", "int", "float"],
+)
+def test_writes_must_be_indices_of_the_bound_buffers(metal_device, copy_kernel, writes, fragments):
+    a = metal_device.alloc_buffer(4096, "u32", (1024,))
+    b = metal_device.alloc_buffer(4096, "u32", (1024,))
+    enc = metal_device.command_encoder()
+    with pytest.raises(mlxbuf.InvalidArgument) as exc:
+        enc.dispatch(copy_kernel, 1024, 64, buffers=[a, b], writes=writes)
+    assert_names(exc, *fragments)
+    enc.discard()
+
+
+@pytest.mark.requires_metal
+def test_only_written_buffers_wait_for_the_gpu(metal_device, copy_kernel):
+    """A buffer the kernel only reads is no in-flight writer: its numpy()
+    returns at once while the command buffer runs; the written one waits.
+    On the simulator the kernel holds the GPU until the test lets it go, so
+    the command buffer is certainly still running when numpy() is called."""
+    gate = threading.Event()
+    if metalsim.available():
+        def held(grid, threadgroup, buffers, constants):
+            gate.wait(60)
+            copy_words_reference(grid, threadgroup, buffers, constants)
+
+        metalsim.register_kernel("copy_words", held)
+    src = metal_device.alloc_buffer(4096, "u32", (1024,))
+    dst = metal_device.alloc_buffer(4096, "u32", (1024,))
+    src.numpy()[:] = np.arange(1024, dtype=np.uint32)
+    enc = metal_device.command_encoder()
+    enc.dispatch(copy_kernel, 1024, 64, buffers=[src, dst], writes=[1])
+    enc.commit()
+    try:
+        assert src._info().inflight_writers == 0 and dst._info().inflight_writers == 1
+        assert src.numpy()[5] == 5
+        if metalsim.available():
+            assert enc.status == "committed"
+    finally:
+        gate.set()
+    np.testing.assert_array_equal(dst.numpy(), np.arange(1024, dtype=np.uint32))
+    enc.wait()

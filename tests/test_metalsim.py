@@ -381,7 +381,7 @@ def test_read_only_memory_reaches_kernels_read_only(sim, tmp_path):
     src = "kernel void copy_first(device const uchar *w [[buffer(0)]], device uchar *o [[buffer(1)]]) {}"
     kernel = sim.compile_library(src).kernel("copy_first")
     with sim.command_encoder() as enc:
-        enc.dispatch(kernel, 1, 1, buffers=[weights, out])
+        enc.dispatch(kernel, 1, 1, buffers=[weights, out], writes=[1])
     assert flags == [(False, True)]
     assert out.numpy()[:16].tolist() == list(range(16))
 

@@ -396,7 +396,7 @@ static void test_copy_fill(void)
     CHECK(cm_cmdbuf_fill(cb, o.storage, 0, 8, 1) == CM_ERR_INVALID_ARGUMENT);
     CHECK(cm_cmdbuf_copy(cb, a.storage, 0, a.storage, 10, 20) == CM_ERR_INVALID_ARGUMENT);
     CHECK_MSG("overlap");
-    CHECK(cm_cmdbuf_dispatch(cb, NULL, NULL, NULL, NULL, NULL, 0, NULL, NULL, 0) ==
+    CHECK(cm_cmdbuf_dispatch(cb, NULL, NULL, NULL, NULL, NULL, NULL, 0, NULL, NULL, 0) ==
           CM_ERR_INVALID_ARGUMENT);
     CHECK_EQ_U(cm_cmdbuf_op_count(cb), 2);
     CHECK_EQ_U(cm_cmdbuf_hold_count(cb), 2);
