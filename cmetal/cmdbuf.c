@@ -29,6 +29,12 @@
  * to 4 KiB; bigger constants belong in a buffer. */
 #define CM_MAX_CONSTANT_BYTES 4096
 
+/* Metal binds a device-space buffer at an offset aligned to the argument's
+ * data type (setBuffer:offset:atIndex:); a kernel's reflection gives that
+ * alignment per argument, and where it says nothing, or less, a word is
+ * what a kernel reading floats or ints needs. */
+#define CM_MIN_BIND_ALIGNMENT 4
+
 static void cmdbuf_complete(cm_cmdbuf_t *cb, int status, const char *message);
 
 int cm_cmdbuf_create(cm_device_t *dev, cm_cmdbuf_t **out)
@@ -283,6 +289,31 @@ static void op_free_arrays(cm_op_t *op)
     op->const_sizes = NULL;
 }
 
+/* Offsets are checked where the backend binds them: from the native
+ * buffer's start, which a file mapping puts at the page before its first
+ * byte. */
+static int check_bind_alignment(const cm_kernel_t *kernel, size_t i, const cm_storage_t *s,
+                                uint64_t off)
+{
+    uint64_t need = kernel->info.buffer_alignment[i];
+    if (need < CM_MIN_BIND_ALIGNMENT)
+        need = CM_MIN_BIND_ALIGNMENT;
+    uint64_t bound = off + s->native_offset;
+    if (bound % need == 0)
+        return CM_OK;
+    char where[64] = "";
+    if (s->native_offset != 0)
+        snprintf(where, sizeof where, " (byte %llu of its native buffer)",
+                 (unsigned long long)bound);
+    return cm__fail(CM_ERR_INVALID_ARGUMENT,
+                    "buffer %zu binds at byte offset %llu%s, but kernel '%s' needs the "
+                    "offset of buffer %zu aligned to %llu bytes (its element alignment, at "
+                    "least 4): bind an aligned copy instead (Buffer.copy() makes one at "
+                    "offset 0)",
+                    i, (unsigned long long)off, where, kernel->info.name, i,
+                    (unsigned long long)need);
+}
+
 static const char *read_only_what(const cm_storage_t *s)
 {
     return s->kind == CM_STORAGE_MAPPED ? "a read-only file mapping" : "read-only memory";
@@ -321,6 +352,8 @@ static int dispatch_check(cm_cmdbuf_t *cb, cm_kernel_t *kernel, const uint64_t *
                             "buffer %zu binds at byte %llu, past the end of its %s storage",
                             i, (unsigned long long)off, BYTES(bufs[i]->byte_len, b1));
         }
+        if ((rc = check_bind_alignment(kernel, i, bufs[i], off)) != CM_OK)
+            return rc;
         if ((writes == NULL || writes[i]) && !bufs[i]->writable)
             return cm__fail(CM_ERR_INVALID_ARGUMENT,
                             "buffer %zu is %s, which kernel '%s' may not write, %s",

@@ -173,6 +173,10 @@ typedef struct cm_kernel_info {
     char name[CM_NAME_MAX];
     uint64_t max_total_threads_per_threadgroup;
     uint64_t thread_execution_width;
+    /* The offset alignment the kernel's buffer argument i needs (its
+     * element's alignment, from the compiler's reflection); 0 where the
+     * backend could not tell. A dispatch requires at least 4 in any case. */
+    uint32_t buffer_alignment[CM_MAX_KERNEL_ARGS];
 } cm_kernel_info_t;
 
 /* ------------------------------------------------------------------ */
@@ -368,7 +372,8 @@ int cm_cmdbuf_fill(cm_cmdbuf_t *cb, cm_storage_t *s, uint64_t offset,
                    uint64_t nbytes, int value);
 
 /* Encode a compute dispatch of grid threads in threadgroups of tg threads.
- * Buffers bind at indices 0..nbufs-1 at their offsets (NULL: all at 0);
+ * Buffers bind at indices 0..nbufs-1 at their offsets (NULL: all at 0),
+ * each a multiple of the kernel's buffer_alignment for it (at least 4);
  * writes[i] != 0 says the kernel writes buffer i (NULL: it writes them
  * all). Only written storages count as in-flight writers, and a read-only
  * storage may not be one. Constant blobs (concatenated in `constants`,

@@ -1298,6 +1298,24 @@ static void function_names(id<MTLLibrary> library, char *out, size_t cap)
         copy_cstr(out, cap, "none");
 }
 
+/* The offset alignment of each buffer argument, for the core's check
+ * before setBuffer:offset:atIndex: (Apple: a device-space offset is
+ * aligned to the argument's data type). Indices reflection does not list
+ * stay 0, which the core reads as "unknown". bindings is macOS 13, below
+ * the oldest macOS mlxbuf supports. */
+static void read_buffer_alignments(MTLComputePipelineReflection *reflection,
+                                   cm_kernel_info_t *info)
+{
+    NSArray<id<MTLBinding>> *bindings = reflection.bindings;
+    for (NSUInteger i = 0; i < bindings.count; i++) {
+        id<MTLBinding> binding = [bindings objectAtIndex:i];
+        if (binding.type != MTLBindingTypeBuffer || binding.index >= CM_MAX_KERNEL_ARGS)
+            continue;
+        NSUInteger align = ((id<MTLBufferBinding>)binding).bufferAlignment;
+        info->buffer_alignment[binding.index] = align > UINT32_MAX ? UINT32_MAX : (uint32_t)align;
+    }
+}
+
 static int metal_kernel_create(void *state, void *lib, const char *name, void **pipeline,
                                cm_kernel_info_t *info)
 {
@@ -1321,8 +1339,13 @@ static int metal_kernel_create(void *state, void *lib, const char *name, void **
                                 "function '%s' is not a kernel function (MTLFunctionType %lu)",
                                 name, (unsigned long)fn.functionType);
             NSError *err = nil;
-            id<MTLComputePipelineState> ps =
-                [st_device(st) newComputePipelineStateWithFunction:fn error:&err];
+            MTLAutoreleasedComputePipelineReflection reflection = nil;
+            id<MTLComputePipelineState> ps = [st_device(st)
+                newComputePipelineStateWithFunction:fn
+                                            options:MTLPipelineOptionBindingInfo |
+                                                    MTLPipelineOptionBufferTypeInfo
+                                         reflection:&reflection
+                                              error:&err];
             if (!ps)
                 return cm__fail(CM_ERR_SHADER_COMPILATION,
                                 "cannot build a compute pipeline for '%s': %s", name,
@@ -1330,6 +1353,7 @@ static int metal_kernel_create(void *state, void *lib, const char *name, void **
             copy_cstr(info->name, sizeof info->name, name);
             info->max_total_threads_per_threadgroup = (uint64_t)ps.maxTotalThreadsPerThreadgroup;
             info->thread_execution_width = (uint64_t)ps.threadExecutionWidth;
+            read_buffer_alignments(reflection, info);
             *pipeline = (__bridge_retained void *)ps;
             return CM_OK;
         } @catch (NSException *e) {

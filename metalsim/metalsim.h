@@ -55,6 +55,7 @@ int msim_raise_next(const char *selector, uint64_t count);
  * Apple declares nullable (newCommandQueue, commandBuffer,
  * blitCommandEncoder, computeCommandEncoder, newBufferWithLength:options:,
  * newFunctionWithName:, newComputePipelineStateWithFunction:error:,
+ * newComputePipelineStateWithFunction:options:reflection:error:,
  * newHeapWithDescriptor:, newFence, newEvent, newSharedEvent) return nil.
  * Shares the 8 slots of msim_raise_next. Returns 0 or -1. */
 int msim_nil_next(const char *selector, uint64_t count);

@@ -749,7 +749,7 @@ def test_the_readme_dispatch_example_runs():
         ("computeCommandEncoder", "dispatch", mlxbuf.CommandBufferError, ("no compute command encoder",)),
         ("newFunctionWithName:", "unaligned copy", mlxbuf.MlxError, ("mlxbuf_copy_bytes is missing",)),
         ("newComputePipelineStateWithFunction:error:", "unaligned copy", mlxbuf.MlxError, ("has no pipeline",)),
-        ("newComputePipelineStateWithFunction:error:", "kernel", mlxbuf.ShaderCompilationError,
+        ("newComputePipelineStateWithFunction:options:reflection:error:", "kernel", mlxbuf.ShaderCompilationError,
          ("cannot build a compute pipeline for 'add_one'",)),
     ],
 )
