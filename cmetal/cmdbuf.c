@@ -6,7 +6,8 @@
  * Owns the command-buffer record. Takes cb->enc_lock around encoding and
  * commit, dev->submit_lock from the residency flush through the backend's
  * submit, dev->lock through residency.c, and dev->cb_lock (a leaf) for
- * states and counters. Holds are released with no lock held but
+ * states and counters; a commit calls the backend's prepare, which may
+ * block, before it takes any of them. Holds are released with no lock held but
  * cb->enc_lock, since a release can destroy a storage. Lock order:
  * LOCKING.md.
  *
@@ -480,14 +481,35 @@ void cm_cmdbuf_release(cm_cmdbuf_t *cb)
         cb_free(cb);
 }
 
+static void unprepare(cm_device_t *dev, void *prepared)
+{
+    if (prepared != NULL)
+        dev->backend->unprepare(dev->state, prepared);
+}
+
 int cm_cmdbuf_commit(cm_cmdbuf_t *cb)
 {
     if (cb == NULL)
         return cm__fail(CM_ERR_INVALID_ARGUMENT, "cm_cmdbuf_commit: command buffer is NULL");
     cm_device_t *dev = cb->dev;
-    int rc = cb_begin(cb, "commit");
+    int rc = cm__fork_refuse(dev, "commit");
     if (rc != CM_OK)
         return rc;
+    /* What may block (Metal makes the caller wait for a command buffer
+     * while its queue has 64 uncompleted) is made before any lock is
+     * taken, so a commit waiting for the GPU stalls no other thread: not
+     * this buffer's readers, not other commits, not fork() (LOCKING.md).
+     * A buffer already committed is not worth the wait; cb_begin checks
+     * again under the lock. */
+    void *prepared = NULL;
+    if (dev->backend->prepare != NULL && cb_status(cb) == CM_CB_NOT_COMMITTED &&
+        (rc = dev->backend->prepare(dev->state, &prepared)) != CM_OK)
+        return rc;
+    rc = cb_begin(cb, "commit");
+    if (rc != CM_OK) {
+        unprepare(dev, prepared);
+        return rc;
+    }
     /* The one point where staged residency changes are applied: whatever
      * was added since the last submission is resident before this runs. */
     uint64_t committed;
@@ -496,6 +518,7 @@ int cm_cmdbuf_commit(cm_cmdbuf_t *cb)
     if (rc != CM_OK) {
         pthread_mutex_unlock(&dev->submit_lock);
         pthread_mutex_unlock(&cb->enc_lock);
+        unprepare(dev, prepared);
         return rc;
     }
     for (size_t i = 0; i < cb->nwrites; i++)
@@ -508,7 +531,7 @@ int cm_cmdbuf_commit(cm_cmdbuf_t *cb)
     cb->status = CM_CB_COMMITTED;
     cb->seq = ++dev->submitted;
     pthread_mutex_unlock(&dev->cb_lock);
-    rc = dev->backend->submit(dev->state, cb);
+    rc = dev->backend->submit(dev->state, cb, prepared);
     if (rc != CM_OK) {
         for (size_t i = 0; i < cb->nwrites; i++)
             atomic_fetch_sub(&cb->writes[i]->inflight_writers, 1);

@@ -147,9 +147,10 @@ static void *host_worker(void *arg)
     return NULL;
 }
 
-static int host_submit(void *state, cm_cmdbuf_t *cb)
+static int host_submit(void *state, cm_cmdbuf_t *cb, void *prepared)
 {
     host_state_t *st = state;
+    (void)prepared;
     pthread_mutex_lock(&st->lock);
     if (st->stop) {
         pthread_mutex_unlock(&st->lock);

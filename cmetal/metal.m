@@ -1193,16 +1193,52 @@ static void report_completion(cm_cmdbuf_t *cb, id<MTLCommandBuffer> done)
     cm__cmdbuf_complete(cb, status, status == CM_OK ? NULL : msg);
 }
 
-static int metal_submit(void *state, cm_cmdbuf_t *cb)
+/* The one Metal call of a submission that can block: commandBuffer waits
+ * while the queue has 64 uncompleted command buffers (Apple's default
+ * maxCommandBufferCount). The core calls this before it takes a lock, and
+ * hands the result to metal_submit. commandBuffer (not
+ * ...WithUnretainedReferences) keeps every buffer it uses alive until
+ * completion, on top of the core's holds; the scratch buffers of
+ * overlapping copies need it. */
+static int metal_prepare(void *state, void **prepared)
 {
     cm_metal_state_t *st = state;
     @autoreleasepool {
+        @try {
+            id<MTLCommandBuffer> cmd = [st_queue(st) commandBuffer];
+            if (!cmd)
+                return cm__fail(CM_ERR_COMMAND_BUFFER, "Metal returned no command buffer");
+            *prepared = (__bridge_retained void *)cmd;
+            return CM_OK;
+        } @catch (NSException *e) {
+            return cm__fail(CM_ERR_COMMAND_BUFFER, "Metal raised %s creating a command buffer",
+                            exception_text(e));
+        }
+    }
+}
+
+/* A command buffer never committed: releasing it gives its place in the
+ * queue back. */
+static void metal_unprepare(void *state, void *prepared)
+{
+    (void)state;
+    @autoreleasepool {
+        release_bridged(prepared);
+    }
+}
+
+static int metal_submit(void *state, cm_cmdbuf_t *cb, void *prepared)
+{
+    cm_metal_state_t *st = state;
+    @autoreleasepool {
+        /* Owned from here: every way out releases it. */
+        id<MTLCommandBuffer> cmd = (__bridge_transfer id<MTLCommandBuffer>)prepared;
         bool needs_builtins;
         int rc = validate_ops(cb, &needs_builtins);
         if (rc != CM_OK)
             return rc;
 
-        cm_metal_encoding_t enc = {nil, nil, nil, false, {{0}}, 0};
+        cm_metal_encoding_t enc = {cmd, nil, nil, false, {{0}}, 0};
         /* Exactly one of the completion handler and a failed commit may
          * report this command buffer; whoever flips the flag first does. */
         __block atomic_int claimed = 0;
@@ -1211,12 +1247,6 @@ static int metal_submit(void *state, cm_cmdbuf_t *cb)
             cm_metal_builtins_t *builtins = NULL;
             if (needs_builtins && (rc = get_builtins(st, &builtins)) != CM_OK)
                 return rc;
-            /* commandBuffer (not ...WithUnretainedReferences) keeps every
-             * buffer it uses alive until completion, on top of the core's
-             * holds; the scratch buffers of overlapping copies need it. */
-            enc.cmd = [st_queue(st) commandBuffer];
-            if (!enc.cmd)
-                return cm__fail(CM_ERR_COMMAND_BUFFER, "Metal returned no command buffer");
             for (size_t i = 0; i < cb->nops; i++) {
                 if ((rc = encode_op(st, &enc, builtins, &cb->ops[i])) != CM_OK) {
                     end_encoding(&enc);
@@ -1390,6 +1420,8 @@ const cm_backend_t cm_metal_backend = {
     .rset_remove = metal_rset_remove,
     .rset_commit = metal_rset_commit,
     .rset_request = metal_rset_request,
+    .prepare = metal_prepare,
+    .unprepare = metal_unprepare,
     .submit = metal_submit,
     .library_compile = metal_library_compile,
     .library_release = metal_library_release,

@@ -17,6 +17,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -894,3 +895,74 @@ def test_libraries_compile_without_fast_math_unless_asked(sim, macos):
     after = metalsim.stats()
     assert after["libraries_compiled"] - before["libraries_compiled"] == 3
     assert after["libraries_fast_math"] - before["libraries_fast_math"] == 1
+
+
+# ---- a queue at Metal's limit of 64 uncompleted command buffers -------------------------
+
+
+def _wait_for(predicate, what, seconds=30):
+    """Poll until predicate() holds; fail naming `what` after `seconds`
+    (a bound on a hang, not a timing measurement)."""
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {seconds} s")
+        time.sleep(0.01)
+
+
+def _finishes(fn, seconds=5):
+    """Run fn in a thread; True when it returned within `seconds` (it would
+    otherwise wait for something only the test releases later, or for the
+    simulator's 10 s watchdog)."""
+    done = threading.Event()
+
+    def run():
+        fn()
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    return done.wait(seconds)
+
+
+@needs_sim
+def test_a_commit_waiting_for_a_full_queue_stalls_only_its_own_thread(sim):
+    """Metal's commandBuffer blocks while the queue has 64 uncompleted
+    command buffers. Regression: it was called under the command buffer's
+    encoder lock and the device's submit lock, so while one commit waited
+    for the GPU, reading that encoder and fork() (whose handler takes every
+    device's submit lock) waited too. Now the Metal command buffer is made
+    before the commit takes a lock. The GPU here is held by a kernel until
+    the test lets it go, so a probe that waited would wait for good."""
+    gate = threading.Event()
+    metalsim.register_kernel("hold_gpu", lambda grid, threadgroup, buffers, constants: gate.wait(60))
+    kernel = sim.compile_library("kernel void hold_gpu(device uint *x [[buffer(0)]]) {}").kernel("hold_gpu")
+    buf = sim.alloc_buffer(4096, "u32", (1024,))
+    target = sim.alloc_buffer(4096, "u32", (1024,))
+    encoders = [sim.command_encoder() for _ in range(64)]
+    encoders[0].dispatch(kernel, 1, 1, buffers=[buf])
+    blocked = sim.command_encoder()
+    blocked.fill(target, 7)
+    committer = threading.Thread(target=blocked.commit)
+    try:
+        for enc in encoders:
+            enc.commit()  # 64 uncompleted: the first holds the GPU
+        before = metalsim.stats()["command_buffers_blocked"]
+        committer.start()
+        _wait_for(lambda: metalsim.stats()["command_buffers_blocked"] > before, "the 65th commit blocking")
+        assert _finishes(lambda: blocked.op_count), "reading the blocked commit's encoder waited for the GPU"
+
+        def fork_and_reap():
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            os.waitpid(pid, 0)
+
+        assert _finishes(fork_and_reap), "fork() waited for the GPU"
+        assert blocked.status == "not_committed"
+    finally:
+        gate.set()
+        committer.join(60)
+    blocked.wait()
+    for enc in encoders:
+        enc.wait()
+    assert (target.numpy() == 0x07070707).all()

@@ -1221,10 +1221,11 @@ static void *sync_main(void *p)
     return NULL;
 }
 
-static int failing_submit(void *state, cm_cmdbuf_t *cb)
+static int failing_submit(void *state, cm_cmdbuf_t *cb, void *prepared)
 {
     (void)state;
     (void)cb;
+    (void)prepared;
     CHECK(pthread_create(&sync_thread, NULL, sync_main, NULL) == 0);
     for (int i = 0; i < 10000 && !atomic_load(&sync_started); i++)
         sleep_ms(1);
