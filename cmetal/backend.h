@@ -91,6 +91,13 @@ typedef struct cm_backend {
     /* The integer handle users see (MTLBuffer pointer) or 0. */
     uint64_t (*native_handle)(cm_native_t native);
 
+    /* Optional. Whether the backend leaves the ordering of work on an
+     * adopted native buffer to its user (Metal: the buffer's hazard
+     * tracking is Untracked, as MLX allocates); the storage then says so
+     * (cm_storage.untracked) and submit orders the work on it itself. The
+     * buffers a backend makes are always ordered. */
+    bool (*native_untracked)(cm_native_t native);
+
     /* Residency-set primitives, called with the device's lock held; never
      * called when residency is off. rset_create makes shard `index` and
      * attaches it to the device's queue. add/remove only stage; commit

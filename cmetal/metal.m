@@ -96,6 +96,12 @@ typedef struct cm_metal_state {
     /* Byte-granular copy/fill kernels, compiled on first need and
      * published with a compare-and-swap, so no lock is needed. */
     _Atomic(cm_metal_builtins_t *) builtins;
+    /* Untracked buffers' order across command buffers (see "Untracked
+     * buffers"): id<MTLSharedEvent> (+1, made on first need) and the value
+     * the last committed command buffer with untracked work signals; both
+     * guarded by the core's submit lock. */
+    void *order_event;
+    uint64_t order_value;
 } cm_metal_state_t;
 
 /* Not in internal.h yet (proposed): bytes Metal has allocated for this
@@ -480,6 +486,7 @@ static void metal_close(void *state)
         return;
     @autoreleasepool {
         free_builtins(atomic_load(&st->builtins));
+        release_bridged(st->order_event);
         release_bridged(st->queue);
         release_bridged(st->device);
     }
@@ -844,7 +851,8 @@ typedef struct cm_metal_span {
 
 /* One command buffer being encoded. At most one encoder is open; runs of
  * consecutive operations of one kind share it, except dependent blits
- * (see order_blit). */
+ * (see order_blit) and untracked work that must wait for the fence (see
+ * "Untracked buffers" below). */
 typedef struct cm_metal_encoding {
     id<MTLCommandBuffer> cmd;
     id<MTLBlitCommandEncoder> blit;
@@ -852,52 +860,90 @@ typedef struct cm_metal_encoding {
     bool dispatched;                  /* the open compute encoder dispatched */
     cm_metal_span_t spans[CM_METAL_MAX_SPANS]; /* what the open blit encoder touches */
     size_t nspans;
+    /* Untracked buffers within this command buffer: the operation being
+     * encoded touches one; the open encoder does (it waited for the fence
+     * when it opened, and updates it when it ends if untracked work
+     * follows); untracked operations not yet encoded; the fence (nil when
+     * nothing here is untracked) and whether an encoder updated it. */
+    bool op_untracked, open_untracked;
+    size_t untracked_left;
+    id<MTLFence> fence;
+    bool fence_updated;
 } cm_metal_encoding_t;
 
-/* Metal asserts when an encoder is released without endEncoding, so every
- * path out of submit, errors included, comes through here. */
-static void end_blit(cm_metal_encoding_t *enc)
+/* End whichever encoder is open. Metal asserts when an encoder is released
+ * without endEncoding, so every path out of submit, errors included,
+ * comes through here. */
+static void end_encoder(cm_metal_encoding_t *enc)
 {
+    bool update = enc->open_untracked && enc->untracked_left > 0;
     if (enc->blit) {
+        if (update)
+            [enc->blit updateFence:enc->fence];
         [enc->blit endEncoding];
         enc->blit = nil;
+    } else if (enc->compute) {
+        if (update)
+            [enc->compute updateFence:enc->fence];
+        [enc->compute endEncoding];
+        enc->compute = nil;
+    } else {
+        update = false;
     }
+    enc->fence_updated = enc->fence_updated || update;
+    enc->open_untracked = false;
     enc->nspans = 0;
 }
 
-static void end_encoding(cm_metal_encoding_t *enc)
+/* An untracked operation's encoder must wait for the fence before its
+ * first command once an earlier encoder updated it: an encoder opened
+ * without that wait is ended first. */
+static void order_untracked(cm_metal_encoding_t *enc)
 {
-    end_blit(enc);
-    if (enc->compute) {
-        [enc->compute endEncoding];
-        enc->compute = nil;
-    }
+    if (enc->op_untracked && !enc->open_untracked && enc->fence_updated)
+        end_encoder(enc);
+}
+
+static bool opens_waiting(const cm_metal_encoding_t *enc)
+{
+    return enc->op_untracked && enc->fence_updated;
 }
 
 static id<MTLBlitCommandEncoder> blit_encoder(cm_metal_encoding_t *enc)
 {
-    if (enc->compute) {
-        [enc->compute endEncoding];
-        enc->compute = nil;
-    }
-    if (!enc->blit)
+    if (enc->compute)
+        end_encoder(enc);
+    order_untracked(enc);
+    if (!enc->blit) {
         enc->blit = [enc->cmd blitCommandEncoder];
+        if (enc->blit && opens_waiting(enc))
+            [enc->blit waitForFence:enc->fence];
+    }
+    if (enc->blit)
+        enc->open_untracked = enc->open_untracked || enc->op_untracked;
     return enc->blit;
 }
 
 /* The compute encoder, with a buffer barrier when a dispatch came before
  * in it, so a dispatch sees what the previous one wrote. (Encoders are
  * serial, where Metal accepts and may ignore the barrier; across encoders
- * and command buffers Metal's hazard tracking orders the work.) */
+ * and command buffers Metal's hazard tracking orders the work, and for
+ * untracked buffers the fence and the event do.) */
 static id<MTLComputeCommandEncoder> compute_encoder_for_dispatch(cm_metal_encoding_t *enc)
 {
-    end_blit(enc);
+    if (enc->blit)
+        end_encoder(enc);
+    order_untracked(enc);
     if (!enc->compute) {
         enc->compute = [enc->cmd computeCommandEncoder];
         enc->dispatched = false;
+        if (enc->compute && opens_waiting(enc))
+            [enc->compute waitForFence:enc->fence];
     } else if (enc->dispatched) {
         [enc->compute memoryBarrierWithScope:MTLBarrierScopeBuffers];
     }
+    if (enc->compute)
+        enc->open_untracked = enc->open_untracked || enc->op_untracked;
     return enc->compute;
 }
 
@@ -935,7 +981,7 @@ static void order_blit(cm_metal_encoding_t *enc, const cm_metal_span_t *op, size
         for (size_t k = 0; k < n && !conflict; k++)
             conflict = spans_conflict(&enc->spans[i], &op[k]);
     if (conflict)
-        end_blit(enc);
+        end_encoder(enc);
 }
 
 static void note_blit(cm_metal_encoding_t *enc, const cm_metal_span_t *op, size_t n)
@@ -1193,6 +1239,118 @@ static void report_completion(cm_cmdbuf_t *cb, id<MTLCommandBuffer> done)
     cm__cmdbuf_complete(cb, status, status == CM_OK ? NULL : msg);
 }
 
+/* ------------------------------------------------------------------ */
+/* Untracked buffers                                                   */
+/* ------------------------------------------------------------------ */
+/* Metal orders the work of encoders and command buffers that share a
+ * buffer only for buffers it tracks. One made with
+ * MTLResourceHazardTrackingModeUntracked (MLX allocates this way, so
+ * DLPack imports from MLX are such; heaps default to it) gets no order
+ * from Metal, so submissions that touch an untracked storage order
+ * themselves, and only they pay for it (Apple's "Resource
+ * synchronization"):
+ * - within a command buffer, an MTLFence: every encoder with untracked
+ *   work waits for it before its first command (once an earlier one
+ *   updated it) and updates it when it ends while more untracked work
+ *   follows;
+ * - across command buffers, one MTLSharedEvent per device: a command
+ *   buffer with untracked work first waits for the value the previous
+ *   such command buffer signals, and signals the next value last. Values
+ *   are given in submission order, which is commit order (the core calls
+ *   submit under its submit lock), and a value is counted as given only
+ *   once its command buffer is committed, so nothing waits for a value no
+ *   committed command buffer will signal. A command buffer that fails may
+ *   stop before its signal: its completion handler then sets the value
+ *   from the CPU, which a shared event allows, so the next one still
+ *   runs. */
+
+/* Storages that adopted a native buffer ask this once (backend.h). */
+static bool metal_native_untracked(cm_native_t native)
+{
+    @autoreleasepool {
+        @try {
+            return as_buffer(native).hazardTrackingMode == MTLHazardTrackingModeUntracked;
+        } @catch (NSException *e) {
+            (void)e;
+            return true; /* ordering what Metal might have ordered costs little */
+        }
+    }
+}
+
+static bool op_untracked(const cm_op_t *op)
+{
+    switch (op->kind) {
+    case CM_OP_COPY:
+        return op->src->untracked || op->dst->untracked;
+    case CM_OP_FILL:
+        return op->dst->untracked;
+    case CM_OP_DISPATCH:
+        for (size_t i = 0; i < op->nbufs; i++)
+            if (op->bufs[i]->untracked)
+                return true;
+        return false;
+    }
+    return false;
+}
+
+static size_t count_untracked(const cm_cmdbuf_t *cb)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < cb->nops; i++)
+        n += op_untracked(&cb->ops[i]);
+    return n;
+}
+
+/* The device's ordering event, made on the first untracked submission.
+ * Called under the core's submit lock, which guards it. */
+static int ordering_event(cm_metal_state_t *st, id<MTLSharedEvent> *out)
+{
+    if (!st->order_event) {
+        id<MTLSharedEvent> event = [st_device(st) newSharedEvent];
+        if (!event)
+            return cm__fail(CM_ERR_COMMAND_BUFFER,
+                            "Metal returned no shared event to order untracked buffers");
+        st->order_event = (__bridge_retained void *)event;
+    }
+    *out = (__bridge id<MTLSharedEvent>)st->order_event;
+    return CM_OK;
+}
+
+/* Set up the ordering of a command buffer with untracked work: its
+ * fence, and its wait for the previous such command buffer. *signal_value is
+ * the value it signals when done. */
+static int order_command_buffer(cm_metal_state_t *st, cm_metal_encoding_t *enc,
+                                id<MTLSharedEvent> *event, uint64_t *signal_value)
+{
+    int rc = ordering_event(st, event);
+    if (rc != CM_OK)
+        return rc;
+    enc->fence = [st_device(st) newFence];
+    if (!enc->fence)
+        return cm__fail(CM_ERR_COMMAND_BUFFER,
+                        "Metal returned no fence to order untracked buffers");
+    if (st->order_value > 0)
+        [enc->cmd encodeWaitForEvent:*event value:st->order_value];
+    *signal_value = st->order_value + 1;
+    return CM_OK;
+}
+
+/* On a completion thread: a command buffer that did not complete may not
+ * have signalled its value; the next one waits for it. */
+static void signal_if_failed(id<MTLSharedEvent> event, uint64_t value, id<MTLCommandBuffer> done)
+{
+    @try {
+        if (done.status != MTLCommandBufferStatusCompleted && event.signaledValue < value)
+            event.signaledValue = value;
+    } @catch (NSException *e) {
+        (void)e; /* report_completion reports the command buffer's failure */
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Submission                                                          */
+/* ------------------------------------------------------------------ */
+
 /* The one Metal call of a submission that can block: commandBuffer waits
  * while the queue has 64 uncompleted command buffers (Apple's default
  * maxCommandBufferCount). The core calls this before it takes a lock, and
@@ -1238,37 +1396,54 @@ static int metal_submit(void *state, cm_cmdbuf_t *cb, void *prepared)
         if (rc != CM_OK)
             return rc;
 
-        cm_metal_encoding_t enc = {cmd, nil, nil, false, {{0}}, 0};
+        cm_metal_encoding_t enc = {.cmd = cmd, .untracked_left = count_untracked(cb)};
         /* Exactly one of the completion handler and a failed commit may
          * report this command buffer; whoever flips the flag first does. */
         __block atomic_int claimed = 0;
         bool handler_added = false;
+        id<MTLSharedEvent> event = nil;
+        uint64_t signal_value = 0;
         @try {
             cm_metal_builtins_t *builtins = NULL;
             if (needs_builtins && (rc = get_builtins(st, &builtins)) != CM_OK)
                 return rc;
+            if (enc.untracked_left > 0 &&
+                (rc = order_command_buffer(st, &enc, &event, &signal_value)) != CM_OK)
+                return rc;
             for (size_t i = 0; i < cb->nops; i++) {
+                enc.op_untracked = op_untracked(&cb->ops[i]);
                 if ((rc = encode_op(st, &enc, builtins, &cb->ops[i])) != CM_OK) {
-                    end_encoding(&enc);
+                    end_encoder(&enc);
                     return rc;
                 }
+                enc.untracked_left -= enc.op_untracked;
             }
-            end_encoding(&enc);
+            end_encoder(&enc);
+            if (event)
+                [enc.cmd encodeSignalEvent:event value:signal_value];
             [enc.cmd addCompletedHandler:^(id<MTLCommandBuffer> done) {
-                if (atomic_exchange(&claimed, 1) == 0)
-                    report_completion(cb, done);
+                if (atomic_exchange(&claimed, 1) != 0)
+                    return;
+                if (event)
+                    signal_if_failed(event, signal_value, done);
+                report_completion(cb, done);
             }];
             handler_added = true;
             [enc.cmd commit];
+            if (event)
+                st->order_value = signal_value;
             return CM_OK;
         } @catch (NSException *e) {
             @try {
-                end_encoding(&enc);
+                end_encoder(&enc);
             } @catch (NSException *again) {
                 (void)again;
             }
-            if (handler_added && atomic_exchange(&claimed, 1) != 0)
+            if (handler_added && atomic_exchange(&claimed, 1) != 0) {
+                if (event)
+                    st->order_value = signal_value;
                 return CM_OK; /* it ran and completed after all */
+            }
             return cm__fail(CM_ERR_COMMAND_BUFFER, "Metal raised %s submitting a command buffer",
                             exception_text(e));
         }
@@ -1414,6 +1589,7 @@ const cm_backend_t cm_metal_backend = {
     .buffer_unwrap = metal_buffer_unwrap,
     .buffer_adopt = metal_buffer_adopt,
     .native_handle = metal_native_handle,
+    .native_untracked = metal_native_untracked,
     .rset_create = metal_rset_create,
     .rset_destroy = metal_rset_destroy,
     .rset_add = metal_rset_add,

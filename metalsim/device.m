@@ -130,6 +130,7 @@
 - (id<MTLFence>)newFence
 {
     MSIM_ENTRY_NULLABLE();
+    MSIM_COUNT(fences_created, 1);
     return [[MSimFence alloc] initWithDevice:self];
 }
 

@@ -145,6 +145,8 @@ typedef struct msim_stats {
     uint64_t command_buffers_failed;    /* status Error                     */
     uint64_t command_buffers_blocked;   /* commandBuffer calls that waited  */
     uint64_t encoders_created;
+    uint64_t fences_created;            /* newFence                         */
+    uint64_t event_commands;            /* encodeSignalEvent/WaitForEvent   */
     uint64_t blits;
     uint64_t dispatches;
     uint64_t libraries_compiled;

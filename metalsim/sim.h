@@ -111,6 +111,7 @@ typedef struct msim_counters {
     atomic_uint_fast64_t command_buffers_created, command_buffers_committed;
     atomic_uint_fast64_t command_buffers_completed, command_buffers_failed;
     atomic_uint_fast64_t command_buffers_blocked, encoders_created, blits, dispatches;
+    atomic_uint_fast64_t fences_created, event_commands;
     atomic_uint_fast64_t libraries_compiled, libraries_fast_math, exceptions_raised;
     atomic_uint_fast64_t serial;
 } msim_counters_t;

@@ -698,11 +698,11 @@ def test_byte_kernels_and_blits_in_one_command_buffer(sim):
     np.testing.assert_array_equal(out[64:128], a.numpy()[:64])
 
 
-def overlapping_copy(sim, handles, src, dst, n=2000):
+def overlapping_copy(sim, handles, src, dst, n=2000, options=0):
     """Copy n bytes from byte src to byte dst between two storages that
     adopted one MTLBuffer (only the native pointers show the overlap);
     check the bytes moved as by memmove."""
-    handles.append(lib.msim_new_buffer(4096, 0, 0))
+    handles.append(lib.msim_new_buffer(4096, options, 0))
     x = mlxbuf.Buffer.from_raw(sim, handles[-1])
     y = mlxbuf.Buffer.from_raw(sim, handles[-1])
     x.numpy()[:] = np.arange(4096) % 256
@@ -966,3 +966,143 @@ def test_a_commit_waiting_for_a_full_queue_stalls_only_its_own_thread(sim):
     for enc in encoders:
         enc.wait()
     assert (target.numpy() == 0x07070707).all()
+
+
+# ---- untracked buffers: ordered by a fence within, an event across command buffers -------
+
+UNTRACKED = 256  # MTLResourceHazardTrackingModeUntracked
+
+
+def untracked_buffer(handles, nbytes=4096):
+    """An untracked MTLBuffer made outside mlxbuf (as MLX makes them), on
+    the current simulated device; adopt it with Buffer.from_raw."""
+    handles.append(lib.msim_new_buffer(nbytes, UNTRACKED, 0))
+    return handles[-1]
+
+
+@needs_sim
+def test_untracked_work_within_one_command_buffer_is_ordered(sim, handles):
+    """Regression: Metal does not order encoders that share an untracked
+    buffer, and mlxbuf did not either ([untracked-hazard]). Now every
+    encoder with untracked work waits for a fence the one before updated."""
+    x = mlxbuf.Buffer.from_raw(sim, untracked_buffer(handles), dtype="f32")
+    out = sim.alloc_buffer(4096, "f32", (1024,))
+    kernel = sim.compile_library(ADD_SOURCE).kernel("add_one")
+    before = metalsim.stats()
+    with sim.command_encoder() as enc:
+        enc.fill(x, 0)                                # blit: writes x
+        enc.dispatch(kernel, 4, 4, buffers=[x, out])  # compute: reads x
+        enc.copy(out, x)                              # blit: writes x
+        enc.dispatch(kernel, 4, 4, buffers=[x, out])  # compute: reads x
+    after = metalsim.stats()
+    assert after["encoders_created"] - before["encoders_created"] == 4
+    assert after["fences_created"] - before["fences_created"] == 1
+    assert x.numpy()[:4].tolist() == [1.0] * 4 and out.numpy()[:4].tolist() == [2.0] * 4
+
+
+@needs_sim
+def test_untracked_work_across_command_buffers_is_ordered(sim, handles):
+    """Regression: two command buffers that share an untracked buffer ran
+    unordered ([untracked-hazard]). Now each waits for the value the one
+    before it signals on the device's shared event."""
+    metalsim.configure(latency_us=50_000)  # the first is still in flight
+    dev = mlxbuf.Device("metal")
+    x = mlxbuf.Buffer.from_raw(dev, untracked_buffer(handles), dtype="u32")
+    out = dev.alloc_buffer(4096, "u32", (1024,))
+    before = metalsim.stats()
+    first = dev.command_encoder()
+    first.fill(x, 2)
+    first.commit()
+    second = dev.command_encoder()
+    second.copy(x, out)
+    second.commit()
+    second.wait()
+    first.wait()
+    assert (out.numpy() == 0x02020202).all()
+    # first: its signal; second: the wait for it, and its own signal
+    assert metalsim.stats()["event_commands"] - before["event_commands"] == 3
+
+
+@needs_sim
+@pytest.mark.parametrize("src, dst", [(0, 4), (1, 3)], ids=["blits", "byte-kernel"])
+def test_overlapping_copy_within_an_untracked_buffer(sim, handles, src, dst):
+    """The copy through a scratch buffer takes two encoders for blits, which
+    an untracked buffer needs a fence between."""
+    overlapping_copy(sim, handles, src, dst, options=UNTRACKED)
+
+
+@needs_sim
+def test_tracked_work_pays_nothing_for_ordering(sim, handles):
+    """Only submissions that touch an untracked storage get fences and events."""
+    a = sim.alloc_buffer(4096, "f32", (1024,))
+    b = sim.alloc_buffer(4096, "f32", (1024,))
+    handles.append(lib.msim_new_buffer(4096, 0, 0))
+    c = mlxbuf.Buffer.from_raw(sim, handles[-1], dtype="f32")  # adopted, tracked
+    kernel = sim.compile_library(ADD_SOURCE).kernel("add_one")
+    before = metalsim.stats()
+    for _ in range(3):
+        with sim.command_encoder() as enc:
+            enc.fill(a, 1)
+            enc.copy(a, b)
+            enc.dispatch(kernel, 16, 16, buffers=[b, c])
+            enc.copy(c.slice_view(2, 8), a)
+    after = metalsim.stats()
+    assert after["fences_created"] == before["fences_created"]
+    assert after["event_commands"] == before["event_commands"]
+
+
+@needs_sim
+def test_a_failed_untracked_command_buffer_does_not_stall_the_next(sim, handles):
+    """A command buffer that fails stops before its event signal; its
+    completion sets the value from the CPU, so the next one, which waits
+    for it, runs (else the GPU would wait for good: the simulator reports
+    [event-wait-timeout] after 10 s)."""
+    x = mlxbuf.Buffer.from_raw(sim, untracked_buffer(handles), dtype="u32")
+    metalsim.fail_next("command_buffer")
+    first = sim.command_encoder()
+    first.fill(x, 3)
+    first.commit()
+    second = sim.command_encoder()
+    second.fill(x, 4)
+    second.commit()
+    with pytest.raises(mlxbuf.CommandBufferError):
+        first.wait()
+    second.wait()
+    assert (x.numpy() == 0x04040404).all()
+
+
+@needs_sim
+def test_untracked_submissions_from_many_threads_stay_ordered(sim, handles):
+    """Eight threads commit 12 command buffers each on one untracked buffer
+    without waiting in between: more than the queue's 64 uncompleted, so
+    commits also wait for the GPU. Event values follow commit order, so
+    every command buffer waits for the one committed before it and no
+    access goes unordered; each thread's last copy holds its last fill."""
+    metalsim.configure(latency_us=1000)
+    dev = mlxbuf.Device("metal")
+    x = mlxbuf.Buffer.from_raw(dev, untracked_buffer(handles), dtype="u8")
+    outs = [dev.alloc_buffer(4096, "u8", (4096,)) for _ in range(8)]
+    errors = []
+
+    def worker(i):
+        try:
+            encoders = []
+            for r in range(12):
+                enc = dev.command_encoder()
+                enc.fill(x, 16 * i + r)
+                enc.copy(x, outs[i])
+                enc.commit()
+                encoders.append(enc)
+            for enc in encoders:
+                enc.wait()
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and not any(t.is_alive() for t in threads)
+    for i, out in enumerate(outs):
+        assert (out.numpy() == 16 * i + 11).all()
