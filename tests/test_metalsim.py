@@ -1106,3 +1106,24 @@ def test_untracked_submissions_from_many_threads_stay_ordered(sim, handles):
     assert not errors and not any(t.is_alive() for t in threads)
     for i, out in enumerate(outs):
         assert (out.numpy() == 16 * i + 11).all()
+
+
+@needs_sim
+@pytest.mark.parametrize(
+    "selector, fragment",
+    [("newSharedEvent", "no shared event"), ("newFence", "no fence")],
+)
+def test_metal_returning_no_ordering_object(sim, selector, fragment, handles):
+    """Where Metal declares the event or the fence nullable, nil fails the
+    submission with CommandBufferError, and the next submission orders."""
+    dev = mlxbuf.Device("metal")  # fresh: no ordering event yet
+    x = mlxbuf.Buffer.from_raw(dev, untracked_buffer(handles), dtype="u32")
+    assert lib.msim_nil_next(selector.encode(), 1) == 0
+    with pytest.raises(mlxbuf.CommandBufferError) as exc:
+        with dev.command_encoder() as enc:
+            enc.fill(x, 5)
+    assert_names(exc, fragment, "untracked")
+    with dev.command_encoder() as enc:
+        enc.fill(x, 6)
+    assert (x.numpy() == 0x06060606).all()
+    healthy(dev)
