@@ -8,7 +8,8 @@
  * The core (core.c, pool.c) owns every policy: refcounts, residency staging
  * and sharding, pools, in-flight holds, locking. This file only translates
  * primitive requests into Metal calls, so it keeps no bookkeeping of its own
- * beyond the device, its queue and two lazily built helper pipelines.
+ * beyond the device, its queue, two lazily built helper pipelines and the
+ * event that orders work on untracked buffers (see "Untracked buffers").
  *
  * Rules every entry point follows:
  * - It runs inside @autoreleasepool: Python's threads have no pool, and
@@ -1317,8 +1318,8 @@ static int ordering_event(cm_metal_state_t *st, id<MTLSharedEvent> *out)
 }
 
 /* Set up the ordering of a command buffer with untracked work: its
- * fence, and its wait for the previous such command buffer. *signal_value is
- * the value it signals when done. */
+ * fence, and its wait for the previous such command buffer.
+ * *signal_value is the value it signals when done. */
 static int order_command_buffer(cm_metal_state_t *st, cm_metal_encoding_t *enc,
                                 id<MTLSharedEvent> *event, uint64_t *signal_value)
 {
