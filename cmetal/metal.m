@@ -1280,18 +1280,13 @@ static bool metal_native_untracked(cm_native_t native)
 
 static bool op_untracked(const cm_op_t *op)
 {
-    switch (op->kind) {
-    case CM_OP_COPY:
-        return op->src->untracked || op->dst->untracked;
-    case CM_OP_FILL:
-        return op->dst->untracked;
-    case CM_OP_DISPATCH:
+    if (op->kind == CM_OP_DISPATCH) {
+        bool any = false;
         for (size_t i = 0; i < op->nbufs; i++)
-            if (op->bufs[i]->untracked)
-                return true;
-        return false;
+            any = any || op->bufs[i]->untracked;
+        return any;
     }
-    return false;
+    return op->dst->untracked || (op->kind == CM_OP_COPY && op->src->untracked);
 }
 
 static size_t count_untracked(const cm_cmdbuf_t *cb)
@@ -1423,31 +1418,29 @@ static int metal_submit(void *state, cm_cmdbuf_t *cb, void *prepared)
             if (event)
                 [enc.cmd encodeSignalEvent:event value:signal_value];
             [enc.cmd addCompletedHandler:^(id<MTLCommandBuffer> done) {
-                if (atomic_exchange(&claimed, 1) != 0)
-                    return;
-                if (event)
-                    signal_if_failed(event, signal_value, done);
-                report_completion(cb, done);
+                if (atomic_exchange(&claimed, 1) == 0) {
+                    if (event)
+                        signal_if_failed(event, signal_value, done);
+                    report_completion(cb, done);
+                }
             }];
             handler_added = true;
             [enc.cmd commit];
-            if (event)
-                st->order_value = signal_value;
-            return CM_OK;
         } @catch (NSException *e) {
             @try {
                 end_encoder(&enc);
             } @catch (NSException *again) {
                 (void)again;
             }
-            if (handler_added && atomic_exchange(&claimed, 1) != 0) {
-                if (event)
-                    st->order_value = signal_value;
-                return CM_OK; /* it ran and completed after all */
-            }
-            return cm__fail(CM_ERR_COMMAND_BUFFER, "Metal raised %s submitting a command buffer",
-                            exception_text(e));
+            /* Submitted after all when the handler already ran. */
+            if (!handler_added || atomic_exchange(&claimed, 1) == 0)
+                return cm__fail(CM_ERR_COMMAND_BUFFER,
+                                "Metal raised %s submitting a command buffer",
+                                exception_text(e));
         }
+        if (event)
+            st->order_value = signal_value;
+        return CM_OK;
     }
 }
 

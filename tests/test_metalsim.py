@@ -266,6 +266,7 @@ def test_fault_count_and_disarm(sim):
     "selector, error, fragments",
     [
         ("commit", mlxbuf.CommandBufferError, ("simulated exception", "commit")),
+        ("commandBuffer", mlxbuf.CommandBufferError, ("simulated exception", "creating a command buffer")),
         ("addCompletedHandler:", mlxbuf.CommandBufferError, ("simulated exception", "addCompletedHandler:")),
         ("blitCommandEncoder", mlxbuf.CommandBufferError, ("simulated exception", "blitCommandEncoder")),
         ("newBufferWithLength:options:", mlxbuf.BufferAllocationError, ("simulated exception",)),
@@ -924,6 +925,59 @@ def _finishes(fn, seconds=5):
     return done.wait(seconds)
 
 
+def _hold_the_queue(sim, gate):
+    """Commit 64 command buffers, the first held on the GPU until gate is
+    set: the queue is then at Metal's limit of uncompleted command buffers."""
+    metalsim.register_kernel("hold_gpu", lambda grid, threadgroup, buffers, constants: gate.wait(60))
+    kernel = sim.compile_library("kernel void hold_gpu(device uint *x [[buffer(0)]]) {}").kernel("hold_gpu")
+    encoders = [sim.command_encoder() for _ in range(64)]
+    encoders[0].dispatch(kernel, 1, 1, buffers=[sim.alloc_buffer(64, "u32", (16,))])
+    for enc in encoders:
+        enc.commit()
+    return encoders
+
+
+@needs_sim
+def test_a_commit_refused_after_waiting_for_the_queue_gives_its_command_buffer_back(sim):
+    """The encoder is discarded by another thread while its commit waits for
+    the queue: the commit is refused, and the Metal command buffer it got
+    goes back uncommitted (its place in the queue with it)."""
+    gate = threading.Event()
+    target = sim.alloc_buffer(4096, "u8", (4096,))
+    waiting = sim.command_encoder()
+    waiting.fill(target, 9)
+    outcome = []
+
+    def commit():
+        try:
+            waiting.commit()
+            outcome.append("committed")
+        except mlxbuf.CommandBufferError as exc:
+            outcome.append(str(exc))
+
+    committer = threading.Thread(target=commit)
+    try:
+        encoders = _hold_the_queue(sim, gate)
+        before = metalsim.stats()
+        committer.start()
+        _wait_for(lambda: metalsim.stats()["command_buffers_blocked"] > before["command_buffers_blocked"],
+                  "the commit blocking")
+        waiting.discard()
+    finally:
+        gate.set()
+        committer.join(60)
+    assert len(outcome) == 1 and "discarded" in outcome[0]
+    for enc in encoders:
+        enc.wait()
+    after = metalsim.stats()
+    assert after["command_buffers_created"] - before["command_buffers_created"] == 1
+    assert after["command_buffers_committed"] == before["command_buffers_committed"]
+    assert not target.numpy().any()
+    with sim.command_encoder() as enc:
+        enc.fill(target, 1)
+    assert (target.numpy() == 1).all()
+
+
 @needs_sim
 def test_a_commit_waiting_for_a_full_queue_stalls_only_its_own_thread(sim):
     """Metal's commandBuffer blocks while the queue has 64 uncompleted
@@ -934,18 +988,12 @@ def test_a_commit_waiting_for_a_full_queue_stalls_only_its_own_thread(sim):
     before the commit takes a lock. The GPU here is held by a kernel until
     the test lets it go, so a probe that waited would wait for good."""
     gate = threading.Event()
-    metalsim.register_kernel("hold_gpu", lambda grid, threadgroup, buffers, constants: gate.wait(60))
-    kernel = sim.compile_library("kernel void hold_gpu(device uint *x [[buffer(0)]]) {}").kernel("hold_gpu")
-    buf = sim.alloc_buffer(4096, "u32", (1024,))
     target = sim.alloc_buffer(4096, "u32", (1024,))
-    encoders = [sim.command_encoder() for _ in range(64)]
-    encoders[0].dispatch(kernel, 1, 1, buffers=[buf])
     blocked = sim.command_encoder()
     blocked.fill(target, 7)
     committer = threading.Thread(target=blocked.commit)
     try:
-        for enc in encoders:
-            enc.commit()  # 64 uncompleted: the first holds the GPU
+        encoders = _hold_the_queue(sim, gate)
         before = metalsim.stats()["command_buffers_blocked"]
         committer.start()
         _wait_for(lambda: metalsim.stats()["command_buffers_blocked"] > before, "the 65th commit blocking")
@@ -1127,3 +1175,38 @@ def test_metal_returning_no_ordering_object(sim, selector, fragment, handles):
         enc.fill(x, 6)
     assert (x.numpy() == 0x06060606).all()
     healthy(dev)
+
+
+@needs_sim
+@pytest.mark.metal_exception
+def test_a_buffer_whose_tracking_metal_does_not_tell_is_ordered(sim, handles):
+    """hazardTrackingMode raising while a buffer is adopted: the storage
+    counts as untracked, and its work is ordered (a fence, an event)."""
+    handles.append(lib.msim_new_buffer(4096, 0, 0))
+    before = metalsim.stats()
+    lib.msim_raise_next(b"hazardTrackingMode", 1)
+    x = mlxbuf.Buffer.from_raw(sim, handles[-1], dtype="u32")
+    with sim.command_encoder() as enc:
+        enc.fill(x, 1)
+    after = metalsim.stats()
+    assert after["exceptions_raised"] - before["exceptions_raised"] == 1
+    assert after["fences_created"] - before["fences_created"] == 1
+    assert after["event_commands"] - before["event_commands"] == 1
+
+
+@needs_sim
+@pytest.mark.metal_exception
+def test_an_exception_signalling_after_a_failed_command_buffer_stays_inside(handles):
+    """The completion handler of a failed untracked command buffer sets the
+    event from the CPU; if that raises, the failure is still reported."""
+    dev = mlxbuf.Device("metal")  # its event is stuck afterwards: nothing else runs on it
+    x = mlxbuf.Buffer.from_raw(dev, untracked_buffer(handles), dtype="u32")
+    metalsim.fail_next("command_buffer")
+    lib.msim_raise_next(b"signaledValue", 1)
+    before = metalsim.stats()["exceptions_raised"]
+    enc = dev.command_encoder()
+    enc.fill(x, 1)
+    with pytest.raises(mlxbuf.CommandBufferError) as exc:
+        enc.commit_and_wait()
+    assert_names(exc, "simulated GPU fault")
+    assert metalsim.stats()["exceptions_raised"] - before == 1
