@@ -100,6 +100,7 @@ struct cm_storage {
     uint64_t map_len;
     void (*ext_release)(void *ctx);   /* external owner's release         */
     void *ext_ctx;
+    bool untracked;                   /* backend.h, native_untracked      */
     int shard;                        /* guarded by dev->lock; -1 if none */
     atomic_uint_fast64_t inflight_writers;
     /* the owner's cache links, guarded by the owner's lock while cached */

@@ -305,6 +305,7 @@ int cm_storage_wrap_native(cm_device_t *dev, uint64_t native_handle, cm_alloc_re
     }
     cm__device_retain(dev);
     s->writable = 1;
+    s->untracked = dev->backend->native_untracked != NULL && dev->backend->native_untracked(native);
     s->contents = contents;
     s->byte_len = len;
     s->requested_len = len;
