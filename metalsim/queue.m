@@ -507,8 +507,13 @@ static BOOL run_dispatch(MSimCommand *c, char *msg, size_t cap)
     _passes = [[MSimList alloc] init];
     for (NSUInteger i = 0; i < passes.count; i++) {
         MSimPass *p = [passes at:i];
+        /* Fences and events point back at the passes that updated or
+         * signalled them: drop the pass's side of those links, or each pair
+         * is a retain cycle that outlives the command buffer. */
         [p.predecessors removeAll];
         [p.commands removeAll];
+        [p.fenceUpdates removeAll];
+        [p.fenceWaits removeAll];
         p.event = nil;
     }
     _slotReleased = YES;
