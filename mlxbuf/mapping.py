@@ -106,8 +106,9 @@ def map_file(
     ``writable=True`` opens the file for writing and shares writes with it
     (other readers see them at once); otherwise the Buffer is read-only and
     its numpy views refuse writes. Raises FileError when the file cannot be
-    opened and InvalidArgument for a range outside the file or beyond the
-    device's maximum buffer length.
+    opened, InvalidArgument for a range outside the file, and
+    BufferAllocationError (a MemoryError) for one longer than the device's
+    maximum buffer length.
     """
     dt = _dtype_arg(dtype)
     path = os.fspath(path)
