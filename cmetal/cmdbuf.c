@@ -11,6 +11,10 @@
  * cb->enc_lock, since a release can destroy a storage. Lock order:
  * LOCKING.md.
  *
+ * Over 600 lines on purpose: encoding, commit and completion share the
+ * command-buffer record and its lock protocol, and splitting them would
+ * spread that protocol over files that each see half of it.
+ *
  * On a device inherited through fork() (fork.c) every call that would
  * encode, submit or wait fails before it takes a lock: the buffer's
  * enc_lock may be held by a thread that did not survive the fork, and

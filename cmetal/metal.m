@@ -5,11 +5,16 @@
  * simulator build (MLXBUF_METAL_SIM=1) runs this same file against the
  * simulated Metal in metalsim/.
  *
- * The core (core.c, pool.c) owns every policy: refcounts, residency staging
- * and sharding, pools, in-flight holds, locking. This file only translates
- * primitive requests into Metal calls, so it keeps no bookkeeping of its own
- * beyond the device, its queue, two lazily built helper pipelines and the
+ * The core (the C files beside this one) owns every policy: refcounts,
+ * residency staging and sharding, pools, in-flight holds, locking. This
+ * file only translates primitive requests into Metal calls, so it keeps no
+ * bookkeeping of its own beyond the device, its queue, two lazily built helper pipelines and the
  * event that orders work on untracked buffers (see "Untracked buffers").
+ *
+ * It is longer than the core's files because it is one concept, the
+ * backend table over Metal, whose entries share private state (the device
+ * record, the helper pipelines, the ordering event) and helpers that would
+ * have to be exported to split it; its sections follow the table's order.
  *
  * Rules every entry point follows:
  * - It runs inside @autoreleasepool: Python's threads have no pool, and
