@@ -8,8 +8,9 @@
  * The core (the C files beside this one) owns every policy: refcounts,
  * residency staging and sharding, pools, in-flight holds, locking. This
  * file only translates primitive requests into Metal calls, so it keeps no
- * bookkeeping of its own beyond the device, its queue, two lazily built helper pipelines and the
- * event that orders work on untracked buffers (see "Untracked buffers").
+ * bookkeeping of its own beyond the device, its queue, two lazily built
+ * helper pipelines and the event that orders work on untracked buffers
+ * (see "Untracked buffers").
  *
  * It is longer than the core's files because it is one concept, the
  * backend table over Metal, whose entries share private state (the device
