@@ -25,6 +25,20 @@ def settle():
     gc.collect()
 
 
+def allocated_size_of(device, n):
+    """What an n-byte storage occupies on device: whole pages of its
+    backend's allocation granule (16 KiB on Apple Silicon)."""
+    return device.alloc_buffer(n, "u8", (1,)).allocated_size
+
+
+def release_deferred(device):
+    """Commit the residency removals that freed memory waits for, so it is
+    given back now (a no-op when residency is off: nothing waits then)."""
+    rs = device.residency_set
+    if rs is not None:
+        rs.flush_pending()
+
+
 def hypothesis_profile():
     """The hypothesis profile of this run: MLXBUF_HYPOTHESIS_PROFILE, else
     HYPOTHESIS_PROFILE, else "ci" (what the plain test command runs)."""
