@@ -63,14 +63,21 @@ if COVERAGE:
     LINK_FLAGS = [*LINK_FLAGS, "--coverage"]
 
 # How metal.m is compiled wherever it is: on macOS, and in a simulator build.
-METAL_OBJC_FLAGS = ["-fobjc-arc", "-fblocks"]
+# -fobjc-arc-exceptions: an Objective-C exception that a Metal call raises
+# unwinds through ARC frames that metal.m catches further up; without the
+# flag ARC does not release what those frames hold, so every caught
+# exception would leak (clang's ARC documentation, "Exceptions").
+METAL_OBJC_FLAGS = ["-fobjc-arc", "-fobjc-arc-exceptions", "-fblocks"]
 
 # Sources are relative to the project root, where setuptools runs;
 # `python build_ffi.py` makes them absolute (see build_in_place).
 SOURCES = sorted(glob.glob("cmetal/*.c", root_dir=HERE)) + (["cmetal/metal.m"] if IS_MACOS else [])
 
 COMPILE_ARGS = ["-std=c11", "-Wall", *OPT_FLAGS] + (METAL_OBJC_FLAGS if IS_MACOS else [])
-LINK_ARGS = LINK_FLAGS + (["-framework", "Metal", "-framework", "Foundation"] if IS_MACOS else [])
+# CoreGraphics: without it MTLCreateSystemDefaultDevice() can return nil in
+# a command-line process (metal.m then falls back to MTLCopyAllDevices()).
+MACOS_FRAMEWORKS = ["-framework", "Metal", "-framework", "Foundation", "-framework", "CoreGraphics"]
+LINK_ARGS = LINK_FLAGS + (MACOS_FRAMEWORKS if IS_MACOS else [])
 DEFINE_MACROS = [("CM_HAVE_METAL", "1")] if IS_MACOS else []
 LIBRARIES = ["pthread"] if IS_LINUX else []
 INCLUDE_DIRS = ["cmetal"]

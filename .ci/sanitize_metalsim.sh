@@ -35,10 +35,9 @@ step "pytest on the simulated Metal under ASan/UBSan, leak detection on"
 # The type-check, build and rule tests run external compilers, which must
 # not inherit the preloaded runtime; they ran in the plain passes. The
 # tests that raise an Objective-C exception through metal.m (marked
-# metal_exception) are left out: metal.m is built without
-# -fobjc-arc-exceptions, so each such exception leaks what ARC held in the
-# frames it unwinds (a known defect, shown by a strict xfail in
-# tests/test_metalsim.py; drop the -m filter once metal.m has the flag).
+# metal_exception) run too: metal.m is built with -fobjc-arc-exceptions,
+# so the frames an exception unwinds release what ARC held, and
+# LeakSanitizer checks that they do.
 (cd "$scratch" && "${san_env[@]}" MLXBUF_SANITIZER_RUN=1 MLXBUF_BACKEND=metal "$py" -m pytest -q \
     -p no:cacheprovider --deselect tests/test_metal_typecheck.py --deselect tests/test_build.py \
-    --deselect tests/test_metalsim_rules.py -m "not metal_exception" tests)
+    --deselect tests/test_metalsim_rules.py tests)

@@ -112,6 +112,13 @@ typedef struct cm_backend {
      * currentAllocatedSize; host: its own allocations and wraps). */
     uint64_t (*current_allocated_size)(void *state);
 
+    /* Optional. Whether the backend leaves the ordering of work on an
+     * adopted native buffer to its user (Metal: the buffer's hazard
+     * tracking is Untracked, as MLX allocates); the storage then says so
+     * (cm_storage.untracked) and submit orders the work on it itself. The
+     * buffers a backend makes are always ordered. */
+    bool (*native_untracked)(cm_native_t native);
+
     /* Residency-set primitives, called with the device's lock held; never
      * called when residency is off. rset_create makes shard `index` and
      * attaches it to the device's queue. add/remove (of an allocation
@@ -128,16 +135,31 @@ typedef struct cm_backend {
     int (*rset_commit)(void *rset);
     int (*rset_request)(void *rset);
 
+    /* Optional, both or neither. prepare makes what a submission needs
+     * that may block (Metal: the command buffer, which Metal makes the
+     * caller wait for while the queue has 64 uncompleted ones). The core
+     * calls it in the committing thread before the commit takes any lock,
+     * so a thread waiting there stalls no other (LOCKING.md); *prepared
+     * then goes to submit, or to unprepare when the commit fails before
+     * it reaches submit. */
+    int (*prepare)(void *state, void **prepared);
+    void (*unprepare)(void *state, void *prepared);
+
     /* Run cb's ops (cb->ops[0..nops)) after every command buffer submitted
      * before it, without blocking the caller, and then call
      * cm__cmdbuf_complete(cb, status, message) exactly once from any
      * thread. A non-zero return means nothing was submitted and
-     * cm__cmdbuf_complete must not be called. */
-    int (*submit)(void *state, cm_cmdbuf_t *cb);
+     * cm__cmdbuf_complete must not be called. prepared is what prepare
+     * made (NULL without one); submit owns it, whether it succeeds or
+     * fails. The core calls submit for one device at a time, in the order
+     * of the buffers' seq numbers (it holds its submit lock), so what a
+     * backend keeps per device for submissions needs no lock of its own. */
+    int (*submit)(void *state, cm_cmdbuf_t *cb, void *prepared);
 
     /* Compute; a backend without compute reports CM_ERR_UNSUPPORTED from
-     * library_compile, so the others are never reached. */
-    int (*library_compile)(void *state, const char *source, void **lib);
+     * library_compile, so the others are never reached. fast_math: the
+     * compiler may trade IEEE semantics for speed; else it must not. */
+    int (*library_compile)(void *state, const char *source, bool fast_math, void **lib);
     void (*library_release)(void *lib);
     int (*kernel_create)(void *state, void *lib, const char *name,
                          void **pipeline, cm_kernel_info_t *info);

@@ -6,7 +6,8 @@
 #                                          SDK (macOS with Xcode / CLT only)
 #
 # The stub check compiles every cmetal/*.m (or the files given) with
-# clang-19 against the SDK-shaped stub headers in cmetal/stubs
+# clang-19 (ARC with -fobjc-arc-exceptions, as the build compiles metal.m)
+# against the SDK-shaped stub headers in cmetal/stubs
 # (-nostdlibinc -isystem cmetal/stubs/libc -isystem cmetal/stubs/sdk), for the
 # minimum supported macOS, so that calling a macOS 15 API outside
 # @available, sending a selector the SDK does not declare, or a missing ARC
@@ -39,7 +40,7 @@ if ! command -v "$clang" >/dev/null 2>&1; then
     exit 127
 fi
 
-flags="-x objective-c -fsyntax-only -fobjc-arc -fblocks
+flags="-x objective-c -fsyntax-only -fobjc-arc -fobjc-arc-exceptions -fblocks
        -Wall -Wextra -Werror -Wundeclared-selector -DCM_HAVE_METAL"
 passes="arm64-apple-macos14: x86_64-apple-macos14: arm64-apple-macos14:-DCM_METAL_NO_RESIDENCY_SDK"
 

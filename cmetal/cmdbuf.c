@@ -6,7 +6,8 @@
  * Owns the command-buffer record. Takes cb->enc_lock around encoding and
  * commit, dev->submit_lock from the residency flush through the backend's
  * submit, dev->lock through residency.c, and dev->cb_lock (a leaf) for
- * states and counters. Holds are released with no lock held but
+ * states and counters; a commit calls the backend's prepare, which may
+ * block, before it takes any of them. Holds are released with no lock held but
  * cb->enc_lock, since a release can destroy a storage. Lock order:
  * LOCKING.md.
  *
@@ -28,6 +29,12 @@
 /* Constant blobs go through setBytes:length:atIndex:, which Apple limits
  * to 4 KiB; bigger constants belong in a buffer. */
 #define CM_MAX_CONSTANT_BYTES 4096
+
+/* Metal binds a device-space buffer at an offset aligned to the argument's
+ * data type (setBuffer:offset:atIndex:); a kernel's reflection gives that
+ * alignment per argument, and where it says nothing, or less, a word is
+ * what a kernel reading floats or ints needs. */
+#define CM_MIN_BIND_ALIGNMENT 4
 
 static void cmdbuf_complete(cm_cmdbuf_t *cb, int status, const char *message);
 
@@ -283,10 +290,41 @@ static void op_free_arrays(cm_op_t *op)
     op->const_sizes = NULL;
 }
 
+/* Offsets are checked where the backend binds them: from the native
+ * buffer's start, which a file mapping puts at the page before its first
+ * byte. */
+static int check_bind_alignment(const cm_kernel_t *kernel, size_t i, const cm_storage_t *s,
+                                uint64_t off)
+{
+    uint64_t need = kernel->info.buffer_alignment[i];
+    if (need < CM_MIN_BIND_ALIGNMENT)
+        need = CM_MIN_BIND_ALIGNMENT;
+    uint64_t bound = off + s->native_offset;
+    if (bound % need == 0)
+        return CM_OK;
+    char where[64] = "";
+    if (s->native_offset != 0)
+        snprintf(where, sizeof where, " (byte %llu of its native buffer)",
+                 (unsigned long long)bound);
+    return cm__fail(CM_ERR_INVALID_ARGUMENT,
+                    "buffer %zu binds at byte offset %llu%s, but kernel '%s' needs the "
+                    "offset of buffer %zu aligned to %llu bytes (its element alignment, at "
+                    "least 4): bind an aligned copy instead (Buffer.copy() makes one at "
+                    "offset 0)",
+                    i, (unsigned long long)off, where, kernel->info.name, i,
+                    (unsigned long long)need);
+}
+
+static const char *read_only_what(const cm_storage_t *s)
+{
+    return s->kind == CM_STORAGE_MAPPED ? "a read-only file mapping" : "read-only memory";
+}
+
 static int dispatch_check(cm_cmdbuf_t *cb, cm_kernel_t *kernel, const uint64_t *grid,
                           const uint64_t *threadgroup, cm_storage_t *const *bufs,
-                          const uint64_t *offsets, size_t nbufs, const uint8_t *constants,
-                          const uint64_t *const_sizes, size_t nconsts, uint64_t *const_total)
+                          const uint64_t *offsets, const uint8_t *writes, size_t nbufs,
+                          const uint8_t *constants, const uint64_t *const_sizes,
+                          size_t nconsts, uint64_t *const_total)
 {
     if (kernel == NULL)
         return cm__fail(CM_ERR_INVALID_ARGUMENT, "cannot dispatch a NULL kernel");
@@ -315,6 +353,16 @@ static int dispatch_check(cm_cmdbuf_t *cb, cm_kernel_t *kernel, const uint64_t *
                             "buffer %zu binds at byte %llu, past the end of its %s storage",
                             i, (unsigned long long)off, BYTES(bufs[i]->byte_len, b1));
         }
+        if ((rc = check_bind_alignment(kernel, i, bufs[i], off)) != CM_OK)
+            return rc;
+        if ((writes == NULL || writes[i]) && !bufs[i]->writable)
+            return cm__fail(CM_ERR_INVALID_ARGUMENT,
+                            "buffer %zu is %s, which kernel '%s' may not write, %s",
+                            i, read_only_what(bufs[i]), kernel->info.name,
+                            writes == NULL ? "and without writes= every buffer counts as "
+                                             "written: pass writes= with the indices of the "
+                                             "buffers the kernel writes"
+                                           : "but writes= lists it");
     }
     if (nconsts > 0 && (constants == NULL || const_sizes == NULL))
         return cm__fail(CM_ERR_INVALID_ARGUMENT,
@@ -333,8 +381,9 @@ static int dispatch_check(cm_cmdbuf_t *cb, cm_kernel_t *kernel, const uint64_t *
 
 int cm_cmdbuf_dispatch(cm_cmdbuf_t *cb, cm_kernel_t *kernel, const uint64_t *grid,
                        const uint64_t *threadgroup, cm_storage_t *const *bufs,
-                       const uint64_t *offsets, size_t nbufs, const uint8_t *constants,
-                       const uint64_t *const_sizes, size_t nconsts)
+                       const uint64_t *offsets, const uint8_t *writes, size_t nbufs,
+                       const uint8_t *constants, const uint64_t *const_sizes,
+                       size_t nconsts)
 {
     if (cb == NULL)
         return cm__fail(CM_ERR_INVALID_ARGUMENT, "cm_cmdbuf_dispatch: command buffer is NULL");
@@ -342,7 +391,7 @@ int cm_cmdbuf_dispatch(cm_cmdbuf_t *cb, cm_kernel_t *kernel, const uint64_t *gri
     if (rc != CM_OK)
         return rc;
     uint64_t const_total = 0;
-    rc = dispatch_check(cb, kernel, grid, threadgroup, bufs, offsets, nbufs, constants,
+    rc = dispatch_check(cb, kernel, grid, threadgroup, bufs, offsets, writes, nbufs, constants,
                         const_sizes, nconsts, &const_total);
     if (rc != CM_OK) {
         pthread_mutex_unlock(&cb->enc_lock);
@@ -382,10 +431,10 @@ int cm_cmdbuf_dispatch(cm_cmdbuf_t *cb, cm_kernel_t *kernel, const uint64_t *gri
     }
     atomic_fetch_add(&kernel->refcount, 1);
     cb->ops[cb->nops++] = op;
-    /* The core cannot see which arguments a kernel writes, so every bound
-     * buffer counts as written. */
+    /* Only what the kernel writes makes its storage wait for the GPU
+     * (cm_storage_wait_idle); the caller says which, or every buffer. */
     for (size_t i = 0; i < nbufs; i++)
-        cb_hold_locked(cb, bufs[i], true);
+        cb_hold_locked(cb, bufs[i], writes == NULL || writes[i] != 0);
     pthread_mutex_unlock(&cb->enc_lock);
     return CM_OK;
 }
@@ -432,14 +481,35 @@ void cm_cmdbuf_release(cm_cmdbuf_t *cb)
         cb_free(cb);
 }
 
+static void unprepare(cm_device_t *dev, void *prepared)
+{
+    if (prepared != NULL)
+        dev->backend->unprepare(dev->state, prepared);
+}
+
 int cm_cmdbuf_commit(cm_cmdbuf_t *cb)
 {
     if (cb == NULL)
         return cm__fail(CM_ERR_INVALID_ARGUMENT, "cm_cmdbuf_commit: command buffer is NULL");
     cm_device_t *dev = cb->dev;
-    int rc = cb_begin(cb, "commit");
+    int rc = cm__fork_refuse(dev, "commit");
     if (rc != CM_OK)
         return rc;
+    /* What may block (Metal makes the caller wait for a command buffer
+     * while its queue has 64 uncompleted) is made before any lock is
+     * taken, so a commit waiting for the GPU stalls no other thread: not
+     * this buffer's readers, not other commits, not fork() (LOCKING.md).
+     * A buffer already committed is not worth the wait; cb_begin checks
+     * again under the lock. */
+    void *prepared = NULL;
+    if (dev->backend->prepare != NULL && cb_status(cb) == CM_CB_NOT_COMMITTED &&
+        (rc = dev->backend->prepare(dev->state, &prepared)) != CM_OK)
+        return rc;
+    rc = cb_begin(cb, "commit");
+    if (rc != CM_OK) {
+        unprepare(dev, prepared);
+        return rc;
+    }
     /* The one point where staged residency changes are applied: whatever
      * was added since the last submission is resident before this runs.
      * What the commit let go is given back once no lock is held (an
@@ -450,6 +520,7 @@ int cm_cmdbuf_commit(cm_cmdbuf_t *cb)
     if (rc != CM_OK) {
         pthread_mutex_unlock(&dev->submit_lock);
         pthread_mutex_unlock(&cb->enc_lock);
+        unprepare(dev, prepared);
         cm__residency_give_back(dev, released);
         return rc;
     }
@@ -463,7 +534,7 @@ int cm_cmdbuf_commit(cm_cmdbuf_t *cb)
     cb->status = CM_CB_COMMITTED;
     cb->seq = ++dev->submitted;
     pthread_mutex_unlock(&dev->cb_lock);
-    rc = dev->backend->submit(dev->state, cb);
+    rc = dev->backend->submit(dev->state, cb, prepared);
     if (rc != CM_OK) {
         for (size_t i = 0; i < cb->nwrites; i++)
             atomic_fetch_sub(&cb->writes[i]->inflight_writers, 1);

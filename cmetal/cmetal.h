@@ -67,6 +67,7 @@ extern "C" {
 #define CM_NAME_MAX 128
 #define CM_MAX_RESIDENCY_SHARDS 32   /* Metal: residency sets per queue    */
 #define CM_MAX_KERNEL_ARGS 31        /* Metal: buffer argument table size  */
+#define CM_COMPILE_FAST_MATH 1       /* cm_library_compile: fast math on   */
 
 /* ------------------------------------------------------------------ */
 /* Opaque handles                                                      */
@@ -205,6 +206,10 @@ typedef struct cm_kernel_info {
     char name[CM_NAME_MAX];
     uint64_t max_total_threads_per_threadgroup;
     uint64_t thread_execution_width;
+    /* The offset alignment the kernel's buffer argument i needs (its
+     * element's alignment, from the compiler's reflection); 0 where the
+     * backend could not tell. A dispatch requires at least 4 in any case. */
+    uint32_t buffer_alignment[CM_MAX_KERNEL_ARGS];
 } cm_kernel_info_t;
 
 /* ------------------------------------------------------------------ */
@@ -431,11 +436,16 @@ int cm_cmdbuf_fill(cm_cmdbuf_t *cb, cm_storage_t *s, uint64_t offset,
                    uint64_t nbytes, int value);
 
 /* Encode a compute dispatch of grid threads in threadgroups of tg threads.
- * Buffers bind at indices 0..nbufs-1 at their offsets; constant blobs
- * (concatenated in `constants`, sizes in const_sizes) bind after them. */
+ * Buffers bind at indices 0..nbufs-1 at their offsets (NULL: all at 0),
+ * each a multiple of the kernel's buffer_alignment for it (at least 4);
+ * writes[i] != 0 says the kernel writes buffer i (NULL: it writes them
+ * all). Only written storages count as in-flight writers, and a read-only
+ * storage may not be one. Constant blobs (concatenated in `constants`,
+ * sizes in const_sizes) bind after the buffers. */
 int cm_cmdbuf_dispatch(cm_cmdbuf_t *cb, cm_kernel_t *kernel,
                        const uint64_t *grid, const uint64_t *threadgroup,
-                       cm_storage_t *const *bufs, const uint64_t *offsets, size_t nbufs,
+                       cm_storage_t *const *bufs, const uint64_t *offsets,
+                       const uint8_t *writes, size_t nbufs,
                        const uint8_t *constants, const uint64_t *const_sizes,
                        size_t nconsts);
 
@@ -459,10 +469,13 @@ uint64_t cm_cmdbuf_hold_count(cm_cmdbuf_t *cb);  /* storages held now      */
 /* Compute                                                             */
 /* ------------------------------------------------------------------ */
 
-/* Compile shader source (Metal Shading Language). The compiler's message
- * is in cm_last_error() on CM_ERR_SHADER_COMPILATION. Host backend:
- * CM_ERR_UNSUPPORTED. */
-int cm_library_compile(cm_device_t *dev, const char *source, cm_library_t **out);
+/* Compile shader source (Metal Shading Language). flags: 0, or
+ * CM_COMPILE_FAST_MATH to let the compiler trade IEEE semantics for speed
+ * (no NaN or infinity, reassociation); without it floating point follows
+ * IEEE 754. The compiler's message is in cm_last_error() on
+ * CM_ERR_SHADER_COMPILATION. Host backend: CM_ERR_UNSUPPORTED. */
+int cm_library_compile(cm_device_t *dev, const char *source, uint32_t flags,
+                       cm_library_t **out);
 void cm_library_release(cm_library_t *lib);
 
 /* The compute pipeline for a function; cached per (library, name), so a

@@ -32,18 +32,24 @@ static const cm_fork_hooks_t library_fork_hooks = {
     .child = library_fork_unlock,
 };
 
-int cm_library_compile(cm_device_t *dev, const char *source, cm_library_t **out)
+int cm_library_compile(cm_device_t *dev, const char *source, uint32_t flags,
+                       cm_library_t **out)
 {
     if (dev == NULL || out == NULL)
         return cm__fail(CM_ERR_INVALID_ARGUMENT, "cm_library_compile: NULL argument");
     *out = NULL;
     if (source == NULL)
         return cm__fail(CM_ERR_INVALID_ARGUMENT, "shader source is NULL");
+    if (flags & ~(uint32_t)CM_COMPILE_FAST_MATH)
+        return cm__fail(CM_ERR_INVALID_ARGUMENT,
+                        "unknown compile flags 0x%x: the known flag is CM_COMPILE_FAST_MATH (0x%x)",
+                        (unsigned)flags, (unsigned)CM_COMPILE_FAST_MATH);
     int rc = cm__fork_refuse(dev, "compile a library");
     if (rc != CM_OK)
         return rc;
     void *native = NULL;
-    rc = dev->backend->library_compile(dev->state, source, &native);
+    rc = dev->backend->library_compile(dev->state, source, (flags & CM_COMPILE_FAST_MATH) != 0,
+                                       &native);
     if (rc != CM_OK)
         return rc;
     cm_library_t *lib = calloc(1, sizeof *lib);

@@ -157,9 +157,10 @@ static void *host_worker(void *arg)
     return NULL;
 }
 
-static int host_submit(void *state, cm_cmdbuf_t *cb)
+static int host_submit(void *state, cm_cmdbuf_t *cb, void *prepared)
 {
     host_state_t *st = state;
+    (void)prepared;
     pthread_mutex_lock(&st->lock);
     if (st->stop) {
         pthread_mutex_unlock(&st->lock);
@@ -425,10 +426,11 @@ static int host_rset_request(void *rset)
 /* Compute (none)                                                      */
 /* ------------------------------------------------------------------ */
 
-static int host_library_compile(void *state, const char *source, void **lib)
+static int host_library_compile(void *state, const char *source, bool fast_math, void **lib)
 {
     (void)state;
     (void)source;
+    (void)fast_math;
     (void)lib;
     return cm__fail(CM_ERR_UNSUPPORTED,
                     "compute kernels need the Metal backend; the host backend has none");

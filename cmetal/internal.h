@@ -119,6 +119,7 @@ struct cm_storage {
     void (*ext_release)(void *ctx);
     void *ext_ctx;
     bool backend_releases;
+    bool untracked;                   /* backend.h, native_untracked      */
     cm_member_t *member;              /* guarded by dev->lock; NULL when
                                          not registered                   */
     atomic_uint_fast64_t inflight_writers;

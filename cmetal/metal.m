@@ -8,7 +8,8 @@
  * The core (core.c, pool.c) owns every policy: refcounts, residency staging
  * and sharding, pools, in-flight holds, locking. This file only translates
  * primitive requests into Metal calls, so it keeps no bookkeeping of its own
- * beyond the device, its queue and two lazily built helper pipelines.
+ * beyond the device, its queue, two lazily built helper pipelines and the
+ * event that orders work on untracked buffers (see "Untracked buffers").
  *
  * Rules every entry point follows:
  * - It runs inside @autoreleasepool: Python's threads have no pool, and
@@ -96,6 +97,12 @@ typedef struct cm_metal_state {
     /* Byte-granular copy/fill kernels, compiled on first need and
      * published with a compare-and-swap, so no lock is needed. */
     _Atomic(cm_metal_builtins_t *) builtins;
+    /* Untracked buffers' order across command buffers (see "Untracked
+     * buffers"): id<MTLSharedEvent> (+1, made on first need) and the value
+     * the last committed command buffer with untracked work signals; both
+     * guarded by the core's submit lock. */
+    void *order_event;
+    uint64_t order_value;
 } cm_metal_state_t;
 
 /* ------------------------------------------------------------------ */
@@ -378,11 +385,31 @@ static int metal_rset_request(void *rset)
 /* Device                                                              */
 /* ------------------------------------------------------------------ */
 
+/* The GPU to open. MTLCreateSystemDefaultDevice() can return nil in a
+ * command-line process that has not loaded CoreGraphics (the build links
+ * it, but a host process may load mlxbuf in a way that keeps it out), while
+ * MTLCopyAllDevices() still lists the GPUs: then the first with unified
+ * memory (an Apple silicon GPU, whose Shared buffers the CPU sees without
+ * a copy) is taken. */
+static id<MTLDevice> system_device(void)
+{
+    id<MTLDevice> device = MTLCreateSystemDefaultDevice();
+    if (device)
+        return device;
+    NSArray<id<MTLDevice>> *all = MTLCopyAllDevices();
+    for (NSUInteger i = 0; i < all.count; i++) {
+        id<MTLDevice> candidate = [all objectAtIndex:i];
+        if (candidate.hasUnifiedMemory)
+            return candidate;
+    }
+    return nil;
+}
+
 static int metal_available(void)
 {
     @autoreleasepool {
         @try {
-            id<MTLDevice> device = MTLCreateSystemDefaultDevice();
+            id<MTLDevice> device = system_device();
             return device != nil;
         } @catch (NSException *e) {
             (void)e;
@@ -396,10 +423,11 @@ static int metal_open(cm_device_t *dev, void **state, cm_device_info_t *info)
     (void)dev;
     @autoreleasepool {
         @try {
-            id<MTLDevice> device = MTLCreateSystemDefaultDevice();
+            id<MTLDevice> device = system_device();
             if (!device)
                 return cm__fail(CM_ERR_DEVICE_NOT_FOUND,
-                                "no Metal device: MTLCreateSystemDefaultDevice() returned nil");
+                                "no Metal device: MTLCreateSystemDefaultDevice() returned nil "
+                                "and MTLCopyAllDevices() lists no GPU with unified memory");
             const char *name = ns_text(device.name, "unnamed Metal device");
             /* One queue per device: command buffers of one queue run and
              * complete in commit order, which the core's ordering relies on. */
@@ -458,6 +486,7 @@ static void metal_close(void *state)
         return;
     @autoreleasepool {
         free_builtins(atomic_load(&st->builtins));
+        release_bridged(st->order_event);
         release_bridged(st->queue);
         release_bridged(st->device);
     }
@@ -792,6 +821,22 @@ typedef struct cm_metal_bytes_args {
 } cm_metal_bytes_args_t;
 _Static_assert(sizeof(cm_metal_bytes_args_t) == 32, "must match mlxbuf_bytes_args");
 
+/* Metal compiles with fast math unless told otherwise (the
+ * MTLCompileOptions default): the compiler may then assume no NaN or
+ * infinity and reassociate, so kernels silently lose IEEE 754 results.
+ * mlxbuf asks for it only when the caller opts in. macOS 15 replaced
+ * fastMathEnabled (deprecated there) with mathMode, whose Safe mode is the
+ * IEEE one. */
+static MTLCompileOptions *compile_options(bool fast_math)
+{
+    MTLCompileOptions *options = [[MTLCompileOptions alloc] init];
+    if (CM_MACOS15_AVAILABLE)
+        options.mathMode = fast_math ? MTLMathModeFast : MTLMathModeSafe;
+    else
+        options.fastMathEnabled = fast_math;
+    return options;
+}
+
 /* Threads per byte-kernel dispatch: enough to fill the GPU, few enough
  * that each thread loops over a handful of bytes of a large copy. */
 #define CM_METAL_BYTE_GRID_MAX (1u << 20)
@@ -821,8 +866,11 @@ static int get_builtins(cm_metal_state_t *st, cm_metal_builtins_t **out)
     }
     id<MTLDevice> device = st_device(st);
     NSError *err = nil;
+    /* The byte kernels only move bytes, so the math mode cannot change what
+     * they do; they get the same IEEE default as user kernels, so nothing
+     * mlxbuf compiles on its own ever runs under fast-math assumptions. */
     id<MTLLibrary> lib = [device newLibraryWithSource:ns_string(kBuiltinSource)
-                                              options:nil
+                                              options:compile_options(false)
                                                 error:&err];
     if (!lib)
         return cm__fail(CM_ERR_INTERNAL, "mlxbuf's built-in copy/fill kernels failed to compile: %s",
@@ -853,7 +901,7 @@ static int get_builtins(cm_metal_state_t *st, cm_metal_builtins_t **out)
 
 /* A byte range that a command of the open blit encoder reads or writes. */
 typedef struct cm_metal_span {
-    cm_native_t buffer;
+    const void *buffer;               /* the MTLBuffer, for identity only */
     uint64_t offset, size;
     bool write;
 } cm_metal_span_t;
@@ -864,7 +912,8 @@ typedef struct cm_metal_span {
 
 /* One command buffer being encoded. At most one encoder is open; runs of
  * consecutive operations of one kind share it, except dependent blits
- * (see order_blit). */
+ * (see order_blit) and untracked work that must wait for the fence (see
+ * "Untracked buffers" below). */
 typedef struct cm_metal_encoding {
     id<MTLCommandBuffer> cmd;
     id<MTLBlitCommandEncoder> blit;
@@ -872,52 +921,90 @@ typedef struct cm_metal_encoding {
     bool dispatched;                  /* the open compute encoder dispatched */
     cm_metal_span_t spans[CM_METAL_MAX_SPANS]; /* what the open blit encoder touches */
     size_t nspans;
+    /* Untracked buffers within this command buffer: the operation being
+     * encoded touches one; the open encoder does (it waited for the fence
+     * when it opened, and updates it when it ends if untracked work
+     * follows); untracked operations not yet encoded; the fence (nil when
+     * nothing here is untracked) and whether an encoder updated it. */
+    bool op_untracked, open_untracked;
+    size_t untracked_left;
+    id<MTLFence> fence;
+    bool fence_updated;
 } cm_metal_encoding_t;
 
-/* Metal asserts when an encoder is released without endEncoding, so every
- * path out of submit, errors included, comes through here. */
-static void end_blit(cm_metal_encoding_t *enc)
+/* End whichever encoder is open. Metal asserts when an encoder is released
+ * without endEncoding, so every path out of submit, errors included,
+ * comes through here. */
+static void end_encoder(cm_metal_encoding_t *enc)
 {
+    bool update = enc->open_untracked && enc->untracked_left > 0;
     if (enc->blit) {
+        if (update)
+            [enc->blit updateFence:enc->fence];
         [enc->blit endEncoding];
         enc->blit = nil;
+    } else if (enc->compute) {
+        if (update)
+            [enc->compute updateFence:enc->fence];
+        [enc->compute endEncoding];
+        enc->compute = nil;
+    } else {
+        update = false;
     }
+    enc->fence_updated = enc->fence_updated || update;
+    enc->open_untracked = false;
     enc->nspans = 0;
 }
 
-static void end_encoding(cm_metal_encoding_t *enc)
+/* An untracked operation's encoder must wait for the fence before its
+ * first command once an earlier encoder updated it: an encoder opened
+ * without that wait is ended first. */
+static void order_untracked(cm_metal_encoding_t *enc)
 {
-    end_blit(enc);
-    if (enc->compute) {
-        [enc->compute endEncoding];
-        enc->compute = nil;
-    }
+    if (enc->op_untracked && !enc->open_untracked && enc->fence_updated)
+        end_encoder(enc);
+}
+
+static bool opens_waiting(const cm_metal_encoding_t *enc)
+{
+    return enc->op_untracked && enc->fence_updated;
 }
 
 static id<MTLBlitCommandEncoder> blit_encoder(cm_metal_encoding_t *enc)
 {
-    if (enc->compute) {
-        [enc->compute endEncoding];
-        enc->compute = nil;
-    }
-    if (!enc->blit)
+    if (enc->compute)
+        end_encoder(enc);
+    order_untracked(enc);
+    if (!enc->blit) {
         enc->blit = [enc->cmd blitCommandEncoder];
+        if (enc->blit && opens_waiting(enc))
+            [enc->blit waitForFence:enc->fence];
+    }
+    if (enc->blit)
+        enc->open_untracked = enc->open_untracked || enc->op_untracked;
     return enc->blit;
 }
 
 /* The compute encoder, with a buffer barrier when a dispatch came before
  * in it, so a dispatch sees what the previous one wrote. (Encoders are
  * serial, where Metal accepts and may ignore the barrier; across encoders
- * and command buffers Metal's hazard tracking orders the work.) */
+ * and command buffers Metal's hazard tracking orders the work, and for
+ * untracked buffers the fence and the event do.) */
 static id<MTLComputeCommandEncoder> compute_encoder_for_dispatch(cm_metal_encoding_t *enc)
 {
-    end_blit(enc);
+    if (enc->blit)
+        end_encoder(enc);
+    order_untracked(enc);
     if (!enc->compute) {
         enc->compute = [enc->cmd computeCommandEncoder];
         enc->dispatched = false;
+        if (enc->compute && opens_waiting(enc))
+            [enc->compute waitForFence:enc->fence];
     } else if (enc->dispatched) {
         [enc->compute memoryBarrierWithScope:MTLBarrierScopeBuffers];
     }
+    if (enc->compute)
+        enc->open_untracked = enc->open_untracked || enc->op_untracked;
     return enc->compute;
 }
 
@@ -955,7 +1042,7 @@ static void order_blit(cm_metal_encoding_t *enc, const cm_metal_span_t *op, size
         for (size_t k = 0; k < n && !conflict; k++)
             conflict = spans_conflict(&enc->spans[i], &op[k]);
     if (conflict)
-        end_blit(enc);
+        end_encoder(enc);
 }
 
 static void note_blit(cm_metal_encoding_t *enc, const cm_metal_span_t *op, size_t n)
@@ -994,6 +1081,9 @@ static int encode_copy(cm_metal_encoding_t *enc, const cm_metal_builtins_t *buil
                        uint64_t n)
 {
     if (aligned4(src_off, dst_off, n)) {
+        cm_metal_span_t touched[2] = {{(__bridge const void *)src, src_off, n, false},
+                                      {(__bridge const void *)dst, dst_off, n, true}};
+        order_blit(enc, touched, 2);
         id<MTLBlitCommandEncoder> blit = blit_encoder(enc);
         if (!blit)
             return no_encoder("blit");
@@ -1002,6 +1092,7 @@ static int encode_copy(cm_metal_encoding_t *enc, const cm_metal_builtins_t *buil
                     toBuffer:dst
            destinationOffset:(NSUInteger)dst_off
                         size:(NSUInteger)n];
+        note_blit(enc, touched, 2);
         return CM_OK;
     }
     cm_metal_bytes_args_t args = {src_off, dst_off, n, 0, 0};
@@ -1013,10 +1104,13 @@ static int encode_fill(cm_metal_encoding_t *enc, const cm_metal_builtins_t *buil
                        id<MTLBuffer> dst, uint64_t off, uint64_t n, uint8_t value)
 {
     if (aligned4(off, n, 0)) {
+        cm_metal_span_t touched = {(__bridge const void *)dst, off, n, true};
+        order_blit(enc, &touched, 1);
         id<MTLBlitCommandEncoder> blit = blit_encoder(enc);
         if (!blit)
             return no_encoder("blit");
         [blit fillBuffer:dst range:(NSRange){(NSUInteger)off, (NSUInteger)n} value:value];
+        note_blit(enc, &touched, 1);
         return CM_OK;
     }
     cm_metal_bytes_args_t args = {0, off, n, value, 0};
@@ -1041,11 +1135,6 @@ static int encode_op(cm_metal_state_t *st, cm_metal_encoding_t *enc,
         uint64_t dof = op->dst_offset + op->dst->native_offset;
         id<MTLBuffer> src = as_buffer(op->src->native);
         id<MTLBuffer> dst = as_buffer(op->dst->native);
-        cm_metal_span_t touched[2] = {{op->src->native, so, op->nbytes, false},
-                                      {op->dst->native, dof, op->nbytes, true}};
-        bool blit = aligned4(so, dof, op->nbytes);
-        if (blit)
-            order_blit(enc, touched, 2);
         int rc;
         if (op->src->native == op->dst->native && ranges_overlap(so, dof, op->nbytes)) {
             /* Blits and the byte kernel are undefined on overlapping
@@ -1053,7 +1142,8 @@ static int encode_op(cm_metal_state_t *st, cm_metal_encoding_t *enc,
              * storages can adopt the same MTLBuffer, which only the native
              * pointers show; a scratch buffer gives memmove semantics. The
              * command buffer keeps the scratch buffer alive until it
-             * completes. */
+             * completes. The second copy reads what the first wrote, so
+             * as blits they go to two encoders (encode_copy orders them). */
             id<MTLBuffer> tmp = [st_device(st) newBufferWithLength:(NSUInteger)op->nbytes
                                                            options:kSharedOptions];
             if (!tmp) {
@@ -1068,21 +1158,12 @@ static int encode_op(cm_metal_state_t *st, cm_metal_encoding_t *enc,
         } else {
             rc = encode_copy(enc, builtins, src, so, dst, dof, op->nbytes);
         }
-        if (rc == CM_OK && blit)
-            note_blit(enc, touched, 2);
         return rc;
     }
     case CM_OP_FILL: {
         uint64_t off = op->dst_offset + op->dst->native_offset;
-        cm_metal_span_t touched = {op->dst->native, off, op->nbytes, true};
-        bool blit = aligned4(off, op->nbytes, 0);
-        if (blit)
-            order_blit(enc, &touched, 1);
-        int rc = encode_fill(enc, builtins, as_buffer(op->dst->native), off, op->nbytes,
-                             (uint8_t)op->value);
-        if (rc == CM_OK && blit)
-            note_blit(enc, &touched, 1);
-        return rc;
+        return encode_fill(enc, builtins, as_buffer(op->dst->native), off, op->nbytes,
+                           (uint8_t)op->value);
     }
     case CM_OP_DISPATCH: {
         id<MTLComputeCommandEncoder> ce = compute_encoder_for_dispatch(enc);
@@ -1219,55 +1300,207 @@ static void report_completion(cm_cmdbuf_t *cb, id<MTLCommandBuffer> done)
     cm__cmdbuf_complete(cb, status, status == CM_OK ? NULL : msg);
 }
 
-static int metal_submit(void *state, cm_cmdbuf_t *cb)
+/* ------------------------------------------------------------------ */
+/* Untracked buffers                                                   */
+/* ------------------------------------------------------------------ */
+/* Metal orders the work of encoders and command buffers that share a
+ * buffer only for buffers it tracks. One made with
+ * MTLResourceHazardTrackingModeUntracked (MLX allocates this way, so
+ * DLPack imports from MLX are such; heaps default to it) gets no order
+ * from Metal, so submissions that touch an untracked storage order
+ * themselves, and only they pay for it (Apple's "Resource
+ * synchronization"):
+ * - within a command buffer, an MTLFence: every encoder with untracked
+ *   work waits for it before its first command (once an earlier one
+ *   updated it) and updates it when it ends while more untracked work
+ *   follows;
+ * - across command buffers, one MTLSharedEvent per device: a command
+ *   buffer with untracked work first waits for the value the previous
+ *   such command buffer signals, and signals the next value last. Values
+ *   are given in submission order, which is commit order (the core calls
+ *   submit under its submit lock), and a value is counted as given only
+ *   once its command buffer is committed, so nothing waits for a value no
+ *   committed command buffer will signal. A command buffer that fails may
+ *   stop before its signal: its completion handler then sets the value
+ *   from the CPU, which a shared event allows, so the next one still
+ *   runs. */
+
+/* Storages that adopted a native buffer ask this once (backend.h). */
+static bool metal_native_untracked(cm_native_t native)
+{
+    @autoreleasepool {
+        @try {
+            return as_buffer(native).hazardTrackingMode == MTLHazardTrackingModeUntracked;
+        } @catch (NSException *e) {
+            (void)e;
+            return true; /* ordering what Metal might have ordered costs little */
+        }
+    }
+}
+
+static bool op_untracked(const cm_op_t *op)
+{
+    if (op->kind == CM_OP_DISPATCH) {
+        bool any = false;
+        for (size_t i = 0; i < op->nbufs; i++)
+            any = any || op->bufs[i]->untracked;
+        return any;
+    }
+    return op->dst->untracked || (op->kind == CM_OP_COPY && op->src->untracked);
+}
+
+static size_t count_untracked(const cm_cmdbuf_t *cb)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < cb->nops; i++)
+        n += op_untracked(&cb->ops[i]);
+    return n;
+}
+
+/* The device's ordering event, made on the first untracked submission.
+ * Called under the core's submit lock, which guards it. */
+static int ordering_event(cm_metal_state_t *st, id<MTLSharedEvent> *out)
+{
+    if (!st->order_event) {
+        id<MTLSharedEvent> event = [st_device(st) newSharedEvent];
+        if (!event)
+            return cm__fail(CM_ERR_COMMAND_BUFFER,
+                            "Metal returned no shared event to order untracked buffers");
+        st->order_event = (__bridge_retained void *)event;
+    }
+    *out = (__bridge id<MTLSharedEvent>)st->order_event;
+    return CM_OK;
+}
+
+/* Set up the ordering of a command buffer with untracked work: its
+ * fence, and its wait for the previous such command buffer.
+ * *signal_value is the value it signals when done. */
+static int order_command_buffer(cm_metal_state_t *st, cm_metal_encoding_t *enc,
+                                id<MTLSharedEvent> *event, uint64_t *signal_value)
+{
+    int rc = ordering_event(st, event);
+    if (rc != CM_OK)
+        return rc;
+    enc->fence = [st_device(st) newFence];
+    if (!enc->fence)
+        return cm__fail(CM_ERR_COMMAND_BUFFER,
+                        "Metal returned no fence to order untracked buffers");
+    if (st->order_value > 0)
+        [enc->cmd encodeWaitForEvent:*event value:st->order_value];
+    *signal_value = st->order_value + 1;
+    return CM_OK;
+}
+
+/* On a completion thread: a command buffer that did not complete may not
+ * have signalled its value; the next one waits for it. */
+static void signal_if_failed(id<MTLSharedEvent> event, uint64_t value, id<MTLCommandBuffer> done)
+{
+    @try {
+        if (done.status != MTLCommandBufferStatusCompleted && event.signaledValue < value)
+            event.signaledValue = value;
+    } @catch (NSException *e) {
+        (void)e; /* report_completion reports the command buffer's failure */
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Submission                                                          */
+/* ------------------------------------------------------------------ */
+
+/* The one Metal call of a submission that can block: commandBuffer waits
+ * while the queue has 64 uncompleted command buffers (Apple's default
+ * maxCommandBufferCount). The core calls this before it takes a lock, and
+ * hands the result to metal_submit. commandBuffer (not
+ * ...WithUnretainedReferences) keeps every buffer it uses alive until
+ * completion, on top of the core's holds; the scratch buffers of
+ * overlapping copies need it. */
+static int metal_prepare(void *state, void **prepared)
 {
     cm_metal_state_t *st = state;
     @autoreleasepool {
+        @try {
+            id<MTLCommandBuffer> cmd = [st_queue(st) commandBuffer];
+            if (!cmd)
+                return cm__fail(CM_ERR_COMMAND_BUFFER, "Metal returned no command buffer");
+            *prepared = (__bridge_retained void *)cmd;
+            return CM_OK;
+        } @catch (NSException *e) {
+            return cm__fail(CM_ERR_COMMAND_BUFFER, "Metal raised %s creating a command buffer",
+                            exception_text(e));
+        }
+    }
+}
+
+/* A command buffer never committed: releasing it gives its place in the
+ * queue back. */
+static void metal_unprepare(void *state, void *prepared)
+{
+    (void)state;
+    @autoreleasepool {
+        release_bridged(prepared);
+    }
+}
+
+static int metal_submit(void *state, cm_cmdbuf_t *cb, void *prepared)
+{
+    cm_metal_state_t *st = state;
+    @autoreleasepool {
+        /* Owned from here: every way out releases it. */
+        id<MTLCommandBuffer> cmd = (__bridge_transfer id<MTLCommandBuffer>)prepared;
         bool needs_builtins;
         int rc = validate_ops(cb, &needs_builtins);
         if (rc != CM_OK)
             return rc;
 
-        cm_metal_encoding_t enc = {nil, nil, nil, false, {{0}}, 0};
+        cm_metal_encoding_t enc = {.cmd = cmd, .untracked_left = count_untracked(cb)};
         /* Exactly one of the completion handler and a failed commit may
          * report this command buffer; whoever flips the flag first does. */
         __block atomic_int claimed = 0;
         bool handler_added = false;
+        id<MTLSharedEvent> event = nil;
+        uint64_t signal_value = 0;
         @try {
             cm_metal_builtins_t *builtins = NULL;
             if (needs_builtins && (rc = get_builtins(st, &builtins)) != CM_OK)
                 return rc;
-            /* commandBuffer (not ...WithUnretainedReferences) keeps every
-             * buffer it uses alive until completion, on top of the core's
-             * holds; the scratch buffers of overlapping copies need it. */
-            enc.cmd = [st_queue(st) commandBuffer];
-            if (!enc.cmd)
-                return cm__fail(CM_ERR_COMMAND_BUFFER, "Metal returned no command buffer");
+            if (enc.untracked_left > 0 &&
+                (rc = order_command_buffer(st, &enc, &event, &signal_value)) != CM_OK)
+                return rc;
             for (size_t i = 0; i < cb->nops; i++) {
+                enc.op_untracked = op_untracked(&cb->ops[i]);
                 if ((rc = encode_op(st, &enc, builtins, &cb->ops[i])) != CM_OK) {
-                    end_encoding(&enc);
+                    end_encoder(&enc);
                     return rc;
                 }
+                enc.untracked_left -= enc.op_untracked;
             }
-            end_encoding(&enc);
+            end_encoder(&enc);
+            if (event)
+                [enc.cmd encodeSignalEvent:event value:signal_value];
             [enc.cmd addCompletedHandler:^(id<MTLCommandBuffer> done) {
-                if (atomic_exchange(&claimed, 1) == 0)
+                if (atomic_exchange(&claimed, 1) == 0) {
+                    if (event)
+                        signal_if_failed(event, signal_value, done);
                     report_completion(cb, done);
+                }
             }];
             handler_added = true;
             [enc.cmd commit];
-            return CM_OK;
         } @catch (NSException *e) {
             @try {
-                end_encoding(&enc);
+                end_encoder(&enc);
             } @catch (NSException *again) {
                 (void)again;
             }
-            if (handler_added && atomic_exchange(&claimed, 1) != 0)
-                return CM_OK; /* it ran and completed after all */
-            return cm__fail(CM_ERR_COMMAND_BUFFER, "Metal raised %s submitting a command buffer",
-                            exception_text(e));
+            /* Submitted after all when the handler already ran. */
+            if (!handler_added || atomic_exchange(&claimed, 1) == 0)
+                return cm__fail(CM_ERR_COMMAND_BUFFER,
+                                "Metal raised %s submitting a command buffer",
+                                exception_text(e));
         }
+        if (event)
+            st->order_value = signal_value;
+        return CM_OK;
     }
 }
 
@@ -1275,7 +1508,7 @@ static int metal_submit(void *state, cm_cmdbuf_t *cb)
 /* Compute                                                             */
 /* ------------------------------------------------------------------ */
 
-static int metal_library_compile(void *state, const char *source, void **lib)
+static int metal_library_compile(void *state, const char *source, bool fast_math, void **lib)
 {
     cm_metal_state_t *st = state;
     @autoreleasepool {
@@ -1285,7 +1518,9 @@ static int metal_library_compile(void *state, const char *source, void **lib)
                             source ? "not valid UTF-8" : "NULL");
         @try {
             NSError *err = nil;
-            id<MTLLibrary> library = [st_device(st) newLibraryWithSource:text options:nil error:&err];
+            id<MTLLibrary> library = [st_device(st) newLibraryWithSource:text
+                                                                 options:compile_options(fast_math)
+                                                                   error:&err];
             /* err can be set alongside a library (warnings): only nil fails. */
             if (!library)
                 return cm__fail(CM_ERR_SHADER_COMPILATION, "%s", error_text(err));
@@ -1322,6 +1557,24 @@ static void function_names(id<MTLLibrary> library, char *out, size_t cap)
         copy_cstr(out, cap, "none");
 }
 
+/* The offset alignment of each buffer argument, for the core's check
+ * before setBuffer:offset:atIndex: (Apple: a device-space offset is
+ * aligned to the argument's data type). Indices reflection does not list
+ * stay 0, which the core reads as "unknown". bindings is macOS 13, below
+ * the oldest macOS mlxbuf supports. */
+static void read_buffer_alignments(MTLComputePipelineReflection *reflection,
+                                   cm_kernel_info_t *info)
+{
+    NSArray<id<MTLBinding>> *bindings = reflection.bindings;
+    for (NSUInteger i = 0; i < bindings.count; i++) {
+        id<MTLBinding> binding = [bindings objectAtIndex:i];
+        if (binding.type != MTLBindingTypeBuffer || binding.index >= CM_MAX_KERNEL_ARGS)
+            continue;
+        NSUInteger align = ((id<MTLBufferBinding>)binding).bufferAlignment;
+        info->buffer_alignment[binding.index] = align > UINT32_MAX ? UINT32_MAX : (uint32_t)align;
+    }
+}
+
 static int metal_kernel_create(void *state, void *lib, const char *name, void **pipeline,
                                cm_kernel_info_t *info)
 {
@@ -1345,8 +1598,13 @@ static int metal_kernel_create(void *state, void *lib, const char *name, void **
                                 "function '%s' is not a kernel function (MTLFunctionType %lu)",
                                 name, (unsigned long)fn.functionType);
             NSError *err = nil;
-            id<MTLComputePipelineState> ps =
-                [st_device(st) newComputePipelineStateWithFunction:fn error:&err];
+            MTLAutoreleasedComputePipelineReflection reflection = nil;
+            id<MTLComputePipelineState> ps = [st_device(st)
+                newComputePipelineStateWithFunction:fn
+                                            options:MTLPipelineOptionBindingInfo |
+                                                    MTLPipelineOptionBufferTypeInfo
+                                         reflection:&reflection
+                                              error:&err];
             if (!ps)
                 return cm__fail(CM_ERR_SHADER_COMPILATION,
                                 "cannot build a compute pipeline for '%s': %s", name,
@@ -1354,6 +1612,7 @@ static int metal_kernel_create(void *state, void *lib, const char *name, void **
             copy_cstr(info->name, sizeof info->name, name);
             info->max_total_threads_per_threadgroup = (uint64_t)ps.maxTotalThreadsPerThreadgroup;
             info->thread_execution_width = (uint64_t)ps.threadExecutionWidth;
+            read_buffer_alignments(reflection, info);
             *pipeline = (__bridge_retained void *)ps;
             return CM_OK;
         } @catch (NSException *e) {
@@ -1386,12 +1645,15 @@ const cm_backend_t cm_metal_backend = {
     .native_handle = metal_native_handle,
     .allocation_of = metal_allocation_of,
     .current_allocated_size = metal_current_allocated_size,
+    .native_untracked = metal_native_untracked,
     .rset_create = metal_rset_create,
     .rset_destroy = metal_rset_destroy,
     .rset_add = metal_rset_add,
     .rset_remove = metal_rset_remove,
     .rset_commit = metal_rset_commit,
     .rset_request = metal_rset_request,
+    .prepare = metal_prepare,
+    .unprepare = metal_unprepare,
     .submit = metal_submit,
     .library_compile = metal_library_compile,
     .library_release = metal_library_release,

@@ -5,7 +5,7 @@
  * their owner, a pool, or freed with their residency removal staged).
  *
  * Owns the storage record and dev->live_storages / alloc_count /
- * free_count. Takes dev->lock to read storage->shard (cm_storage_info)
+ * free_count. Takes dev->lock to read storage->member (cm_storage_info)
  * and through memory.c and residency.c, and dev->cb_lock to wait for
  * in-flight writers. A storage is destroyed with no lock held. Lock order:
  * LOCKING.md.
@@ -350,6 +350,7 @@ int cm_storage_wrap_native(cm_device_t *dev, uint64_t native_handle, cm_alloc_re
     }
     cm__device_retain(dev);
     s->writable = 1;
+    s->untracked = dev->backend->native_untracked != NULL && dev->backend->native_untracked(native);
     s->contents = contents;
     s->byte_len = len;
     s->requested_len = len;

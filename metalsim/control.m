@@ -418,6 +418,8 @@ void msim_get_stats(msim_stats_t *out)
     COPY(command_buffers_failed);
     COPY(command_buffers_blocked);
     COPY(encoders_created);
+    COPY(fences_created);
+    COPY(event_commands);
     COPY(blits);
     COPY(dispatches);
     COPY(libraries_compiled);

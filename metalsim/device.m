@@ -130,6 +130,7 @@
 - (id<MTLFence>)newFence
 {
     MSIM_ENTRY_NULLABLE();
+    MSIM_COUNT(fences_created, 1);
     return [[MSimFence alloc] initWithDevice:self];
 }
 
@@ -189,10 +190,10 @@
     return [MSimLibrary newWithDevice:self source:source fastMath:fast error:error];
 }
 
-- (id<MTLComputePipelineState>)newComputePipelineStateWithFunction:(id<MTLFunction>)function
-                                                             error:(NSError **)error
+/* What both pipeline builders do, without their entry checks. */
+- (nullable id<MTLComputePipelineState>)msim_pipelineWithFunction:(id<MTLFunction>)function
+                                                            error:(NSError **)error
 {
-    MSIM_ENTRY_NULLABLE();
     if (![(id)function isKindOfClass:[MSimFunction class]]) {
         if (error)
             *error = [NSError msim_errorWithDomain:MTLLibraryErrorDomain
@@ -208,6 +209,31 @@
         return nil;
     }
     return [[MSimPipeline alloc] initWithDevice:self function:(MSimFunction *)function];
+}
+
+- (id<MTLComputePipelineState>)newComputePipelineStateWithFunction:(id<MTLFunction>)function
+                                                             error:(NSError **)error
+{
+    MSIM_ENTRY_NULLABLE();
+    return [self msim_pipelineWithFunction:function error:error];
+}
+
+/* Reflection is filled only when asked for: the bindings come with
+ * MTLPipelineOptionBindingInfo (one MTLBufferBinding per [[buffer(n)]]
+ * argument the simulator read), as the options say on a Mac. */
+- (id<MTLComputePipelineState>)newComputePipelineStateWithFunction:(id<MTLFunction>)function
+                                                           options:(MTLPipelineOption)options
+                                                        reflection:
+                                                            (MTLAutoreleasedComputePipelineReflection *)reflection
+                                                             error:(NSError **)error
+{
+    MSIM_ENTRY_NULLABLE();
+    id<MTLComputePipelineState> ps = [self msim_pipelineWithFunction:function error:error];
+    if (ps && reflection)
+        *reflection = [[MTLComputePipelineReflection alloc]
+            initWithFunction:(options & MTLPipelineOptionBindingInfo) ? (MSimFunction *)function
+                                                                      : nil];
+    return ps;
 }
 
 @end

@@ -37,6 +37,20 @@ NSErrorDomain const MTLLibraryErrorDomain = @"MTLLibraryErrorDomain";
     return self;
 }
 
+/* mathMode is macOS 15 API: on an older simulated macOS the selector is
+ * absent, as on a Mac. */
+static void math_mode_check(SEL cmd, id target)
+{
+    int major = msim__config().macos_major;
+    if (major >= 15)
+        return;
+    msim__invalid("macos15-api", "-[MTLCompileOptions %s] sent on simulated macOS %d: mathMode "
+                  "needs macOS 15 (use fastMathEnabled before)", sel_getName(cmd), major);
+    msim__raise(NSInvalidArgumentException,
+                "-[MTLCompileOptions %s]: unrecognized selector sent to instance %p",
+                sel_getName(cmd), (__bridge void *)target);
+}
+
 /* The two spellings of one setting: mathMode (macOS 15) refines it. */
 - (BOOL)fastMathEnabled { return _fastMathEnabled; }
 
@@ -46,10 +60,15 @@ NSErrorDomain const MTLLibraryErrorDomain = @"MTLLibraryErrorDomain";
     _mathMode = on ? MTLMathModeFast : MTLMathModeSafe;
 }
 
-- (MTLMathMode)mathMode { return _mathMode; }
+- (MTLMathMode)mathMode
+{
+    math_mode_check(_cmd, self);
+    return _mathMode;
+}
 
 - (void)setMathMode:(MTLMathMode)mode
 {
+    math_mode_check(_cmd, self);
     _mathMode = mode;
     _fastMathEnabled = mode == MTLMathModeFast;
 }
@@ -198,8 +217,9 @@ static bool is_ident(char c)
     return isalnum((unsigned char)c) || c == '_';
 }
 
-/* Bytes of an MSL scalar or vector type name; 0 if unknown. */
-static unsigned type_size(const char *name)
+/* Size and alignment of an MSL scalar or vector type name; 0 and 0 if
+ * unknown (a struct: the simulator does not lay those out). */
+static void type_layout(const char *name, unsigned *size, unsigned *alignment)
 {
     static const struct {
         const char *name;
@@ -211,6 +231,7 @@ static unsigned type_size(const char *name)
         {"uint32_t", 4}, {"long", 8}, {"ulong", 8}, {"int64_t", 8}, {"uint64_t", 8},
         {"size_t", 8},
     };
+    *size = *alignment = 0;
     bool packed = strncmp(name, "packed_", 7) == 0;
     if (packed)
         name += 7;
@@ -222,13 +243,17 @@ static unsigned type_size(const char *name)
     }
     for (size_t i = 0; i < sizeof scalars / sizeof *scalars; i++) {
         if (strlen(scalars[i].name) == len && strncmp(scalars[i].name, name, len) == 0) {
-            if (packed)
-                return scalars[i].size;
-            /* A 3-lane vector is aligned like a 4-lane one. */
-            return scalars[i].size * (lanes == 3 ? 4 : lanes);
+            unsigned scalar = scalars[i].size;
+            if (packed) {
+                *size = scalar * lanes;
+                *alignment = scalar;
+            } else {
+                /* A 3-lane vector is laid out like a 4-lane one. */
+                *size = *alignment = scalar * (lanes == 3 ? 4 : lanes);
+            }
+            return;
         }
     }
-    return 0;
 }
 
 /* One parameter: "device const float *a [[buffer(0)]]". */
@@ -255,6 +280,7 @@ static bool parse_arg(const char *p, size_t n, msim_arg_t *arg)
     arg->index = (unsigned)strtoul(paren + 1, NULL, 10);
     bool device = false, constant = false, is_const = false;
     char type[64] = "", last[64] = "";
+    arg->name[0] = '\0';
     for (char *q = text; *q && q < open;) {
         if (is_ident(*q)) {
             char word[64];
@@ -278,13 +304,18 @@ static bool parse_arg(const char *p, size_t n, msim_arg_t *arg)
     }
     if (!device && !constant)
         return false;
-    unsigned size = type_size(type);
+    if (type[0])
+        snprintf(arg->name, sizeof arg->name, "%s", last);
+    unsigned size, align;
+    type_layout(type, &size, &align);
     arg->device_space = device;
     arg->written = device && !is_const;
+    arg->type_size = size;
+    arg->type_alignment = align;
     if (!device)
         arg->alignment = 4;
     else
-        arg->alignment = size < 4 ? 4 : size > 16 ? 16 : size;
+        arg->alignment = align < 4 ? 4 : align > 16 ? 16 : align;
     return true;
 }
 
@@ -476,6 +507,75 @@ static size_t find_kernels(const char *text, msim_kernel_sig_t *out, size_t max)
         if (strcmp(_kernels[i].name, want) == 0)
             return [[MSimFunction alloc] initWithSignature:&_kernels[i] fastMath:_fastMath];
     return nil;
+}
+
+@end
+
+/* ---- pipeline reflection ---------------------------------------------------------------- */
+
+@interface MSimBufferBinding : NSObject <MTLBufferBinding>
+- (instancetype)initWithArgument:(const msim_arg_t *)arg;
+@end
+
+@implementation MSimBufferBinding {
+    msim_arg_t _arg;
+    NSString *_name;
+}
+
+- (instancetype)initWithArgument:(const msim_arg_t *)arg
+{
+    self = [super init];
+    _arg = *arg;
+    _name = [NSString stringWithCString:arg->name encoding:NSUTF8StringEncoding];
+    return self;
+}
+
+- (NSString *)name { MSIM_ENTRY(); return _name; }
+- (MTLBindingType)type { MSIM_ENTRY(); return MTLBindingTypeBuffer; }
+- (NSUInteger)index { MSIM_ENTRY(); return _arg.index; }
+- (BOOL)isUsed { MSIM_ENTRY(); return YES; }
+- (BOOL)isArgument { MSIM_ENTRY(); return NO; }
+
+- (MTLBindingAccess)access
+{
+    MSIM_ENTRY();
+    return _arg.written ? MTLBindingAccessReadWrite : MTLBindingAccessReadOnly;
+}
+
+/* A type the simulator cannot lay out (a struct) reports the 4 bytes its
+ * own offset rule then asks for. */
+- (NSUInteger)bufferAlignment
+{
+    MSIM_ENTRY();
+    return _arg.type_alignment ? _arg.type_alignment : 4;
+}
+
+- (NSUInteger)bufferDataSize
+{
+    MSIM_ENTRY();
+    return _arg.type_size;
+}
+
+@end
+
+@implementation MTLComputePipelineReflection {
+    NSArray<id<MTLBinding>> *_bindings;
+}
+
+- (instancetype)initWithFunction:(MSimFunction *)function
+{
+    self = [super init];
+    MSimList *bindings = [[MSimList alloc] init];
+    for (NSUInteger i = 0; function && i < function.nargs; i++)
+        [bindings add:[[MSimBufferBinding alloc] initWithArgument:&function.args[i]]];
+    _bindings = bindings.array;
+    return self;
+}
+
+- (NSArray<id<MTLBinding>> *)bindings
+{
+    MSIM_ENTRY();
+    return _bindings;
 }
 
 @end

@@ -55,6 +55,7 @@ int msim_raise_next(const char *selector, uint64_t count);
  * Apple declares nullable (newCommandQueue, commandBuffer,
  * blitCommandEncoder, computeCommandEncoder, newBufferWithLength:options:,
  * newFunctionWithName:, newComputePipelineStateWithFunction:error:,
+ * newComputePipelineStateWithFunction:options:reflection:error:,
  * newHeapWithDescriptor:, newFence, newEvent, newSharedEvent) return nil.
  * Shares the 8 slots of msim_raise_next. Returns 0 or -1. */
 int msim_nil_next(const char *selector, uint64_t count);
@@ -144,6 +145,8 @@ typedef struct msim_stats {
     uint64_t command_buffers_failed;    /* status Error                     */
     uint64_t command_buffers_blocked;   /* commandBuffer calls that waited  */
     uint64_t encoders_created;
+    uint64_t fences_created;            /* newFence                         */
+    uint64_t event_commands;            /* encodeSignalEvent/WaitForEvent   */
     uint64_t blits;
     uint64_t dispatches;
     uint64_t libraries_compiled;

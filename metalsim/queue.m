@@ -295,6 +295,7 @@ static void residency_api_check(MSimDevice *device, SEL cmd, id target)
                       sel_getName(cmd));
         return;
     }
+    MSIM_COUNT(event_commands, 1);
     MSimPass *pass = [self msim_openPass:kind];
     pass.event = (MSimEvent *)event;
     pass.eventValue = value;

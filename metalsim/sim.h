@@ -111,6 +111,7 @@ typedef struct msim_counters {
     atomic_uint_fast64_t command_buffers_created, command_buffers_committed;
     atomic_uint_fast64_t command_buffers_completed, command_buffers_failed;
     atomic_uint_fast64_t command_buffers_blocked, encoders_created, blits, dispatches;
+    atomic_uint_fast64_t fences_created, event_commands;
     atomic_uint_fast64_t libraries_compiled, libraries_fast_math, exceptions_raised;
     atomic_uint_fast64_t serial;
 } msim_counters_t;
@@ -251,6 +252,9 @@ typedef struct msim_arg {
     bool device_space;        /* device (else constant)                    */
     bool written;             /* device and not const                      */
     unsigned alignment;       /* required setBuffer offset alignment       */
+    unsigned type_size;       /* sizeof the element type; 0 if unknown     */
+    unsigned type_alignment;  /* alignof the element type; 0 if unknown    */
+    char name[64];            /* the parameter's name                      */
 } msim_arg_t;
 
 @interface MSimFunction : NSObject <MTLFunction>
@@ -264,6 +268,12 @@ typedef struct msim_arg {
                                 source:(NSString *)source
                                   fastMath:(BOOL)fastMath
                                      error:(NSError *_Nullable *_Nullable)error;
+@end
+
+/* The reflection of a compute pipeline: one MTLBufferBinding per
+ * [[buffer(n)]] argument the simulator read. */
+@interface MTLComputePipelineReflection ()
+- (instancetype)initWithFunction:(MSimFunction *)function;
 @end
 
 @interface MSimPipeline : NSObject <MTLComputePipelineState>

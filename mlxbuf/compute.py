@@ -19,24 +19,28 @@ class Library:
     Owns one C reference to the library. Safe to use from any thread.
     """
 
-    __slots__ = ("_device", "_handle", "_name", "__weakref__")
+    __slots__ = ("_device", "_handle", "_name", "_fast_math", "__weakref__")
 
     # The slots' types (annotations only, no class attributes).
     _device: Device
     _handle: Any
     _name: str
+    _fast_math: bool
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError("a Library is made by Device.compile_library(source)")
 
     @classmethod
-    def _compile(cls, device: Device, source: str | bytes, name: str) -> Library:
+    def _compile(cls, device: Device, source: str | bytes, name: str, fast_math: bool) -> Library:
         if isinstance(source, bytes):
             source = source.decode("utf-8")
         if not isinstance(source, str):
             raise InvalidArgument(f"shader source must be a str, got {type(source).__name__}")
+        if not isinstance(fast_math, bool):
+            raise InvalidArgument(f"fast_math must be True or False, got {fast_math!r}")
+        flags = lib.CM_COMPILE_FAST_MATH if fast_math else 0
         out = ffi.new("cm_library_t **")
-        status = lib.cm_library_compile(device._handle, source.encode("utf-8"), out)
+        status = lib.cm_library_compile(device._handle, source.encode("utf-8"), flags, out)
         if status:
             exc = error_for(status, name=name)
             if isinstance(exc, Unsupported) and not str(exc):
@@ -49,6 +53,7 @@ class Library:
         library._device = device
         library._handle = ffi.gc(out[0], lib.cm_library_release)
         library._name = name
+        library._fast_math = fast_math
         return library
 
     @property
@@ -60,6 +65,11 @@ class Library:
     def name(self) -> str:
         """The name given at compile time (used in error messages)."""
         return self._name
+
+    @property
+    def fast_math(self) -> bool:
+        """Whether the library was compiled with fast math (``compile_library(..., fast_math=True)``)."""
+        return self._fast_math
 
     def kernel(self, name: str) -> Kernel:
         """The compute pipeline of function ``name`` (KernelNotFound if there is none).
@@ -75,7 +85,8 @@ class Library:
         return Kernel._adopt(self, ffi.gc(out[0], lib.cm_kernel_release))
 
     def __repr__(self) -> str:
-        return f"Library({self._name!r}, device={self._device.backend})"
+        fast = ", fast_math=True" if self._fast_math else ""
+        return f"Library({self._name!r}{fast}, device={self._device.backend})"
 
 
 class Kernel:

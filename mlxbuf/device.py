@@ -426,15 +426,21 @@ class Device:
         interval = _float_arg(interval, "keep-alive interval")
         check(lib.cm_residency_set_keepalive(self._handle, seconds, interval))
 
-    def compile_library(self, source: str | bytes, name: str = "library") -> Library:
+    def compile_library(self, source: str | bytes, name: str = "library", *, fast_math: bool = False) -> Library:
         """Compile Metal Shading Language source into a Library.
+
+        Floating point follows IEEE 754 by default (Metal's own default is
+        fast math). ``fast_math=True`` lets the compiler assume no NaN or
+        infinity and reorder arithmetic: faster kernels whose results may
+        differ in the last bits, or wholly where NaN and infinity occur.
+        ``name`` labels the library in error messages.
 
         ShaderCompilationError carries the compiler's message; the host
         backend raises Unsupported (it has no compute).
         """
         from mlxbuf.compute import Library
 
-        return Library._compile(self, source, name)
+        return Library._compile(self, source, name, fast_math)
 
     # ---- interop hooks (mlxbuf.interop) ----
 

@@ -76,6 +76,22 @@ def _constant_bytes(value: Any, index: int) -> bytes:
     )
 
 
+def _written_flags(writes: Iterable[SupportsIndex] | None, nbuffers: int) -> Any:
+    """``writes`` (indices into the dispatch's buffers) as a uint8_t[nbuffers]
+    of flags for the C call, or NULL for "every buffer"."""
+    if writes is None:
+        return ffi.NULL
+    if isinstance(writes, (str, bytes)) or not isinstance(writes, Iterable):
+        raise InvalidArgument(f"writes must be a collection of buffer indices, got {writes!r}")
+    flags = [0] * max(nbuffers, 1)
+    for index in writes:
+        i = _int_arg(index, "writes index")
+        if i >= nbuffers:
+            raise InvalidArgument(f"writes index {i} is out of range: the dispatch binds {nbuffers} buffers")
+        flags[i] = 1
+    return ffi.new("uint8_t[]", flags)
+
+
 class CommandEncoder:
     """One command buffer on a device's queue: encode copies, fills and
     dispatches, then ``commit()`` (returns at once) and ``wait()``.
@@ -160,6 +176,7 @@ class CommandEncoder:
         threadgroup: ShapeLike,
         buffers: Iterable[Buffer] = (),
         constants: Iterable[KernelConstant] = (),
+        writes: Iterable[SupportsIndex] | None = None,
     ) -> None:
         """Encode a compute dispatch of ``grid`` threads in threadgroups of
         ``threadgroup`` threads (ints or 1-3 ints each).
@@ -170,6 +187,18 @@ class CommandEncoder:
         matching MSL's ``int``/``uint``/``float``/``bool``; numpy scalars
         and arrays keep their own type; bytes-like objects bind as they
         are. Metal only: the host backend has no kernels to dispatch.
+
+        ``writes`` names the buffers the kernel writes, as indices into
+        ``buffers``; by default it writes all of them. Only written buffers
+        make ``numpy()`` and the other CPU views wait for this command
+        buffer, and a read-only buffer (a read-only file mapping, say) may
+        be bound only when it is not among them: InvalidArgument otherwise.
+
+        Each buffer's byte offset (as Metal sees it) must be a multiple of
+        the alignment the kernel's argument needs (its element size, at
+        least 4 bytes): InvalidArgument names the buffer, the offset and
+        the alignment. A view at another offset (a tensor inside a
+        safetensors file, say) binds through an aligned copy: ``view.copy()``.
         """
         from mlxbuf.compute import Kernel
 
@@ -186,6 +215,7 @@ class CommandEncoder:
             )
         for i, b in enumerate(buffers):
             self._own(b, f"buffer {i}")
+        written = _written_flags(writes, len(buffers))
         blobs = [_constant_bytes(c, i) for i, c in enumerate(constants)]
         bufs = ffi.new("cm_storage_t *[]", [b._storage for b in buffers] or [ffi.NULL])
         offsets = ffi.new("uint64_t[]", [b.byte_offset for b in buffers] or [0])
@@ -193,7 +223,17 @@ class CommandEncoder:
         sizes = ffi.new("uint64_t[]", [len(b) for b in blobs] or [0])
         check(
             lib.cm_cmdbuf_dispatch(
-                self._handle, kernel._handle, grid3, tg3, bufs, offsets, len(buffers), consts, sizes, len(blobs)
+                self._handle,
+                kernel._handle,
+                grid3,
+                tg3,
+                bufs,
+                offsets,
+                written,
+                len(buffers),
+                consts,
+                sizes,
+                len(blobs),
             )
         )
 

@@ -83,8 +83,8 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers",
         "metal_exception: raises an Objective-C exception through cmetal/metal.m on the simulated "
-        "Metal; while metal.m is built without -fobjc-arc-exceptions that leaks what ARC held in the "
-        "frames it unwinds, so the sanitizer pass of the simulator deselects these",
+        "Metal (metal.m is built with -fobjc-arc-exceptions, so what ARC held in the frames it "
+        "unwinds is released; the sanitizer pass of the simulator checks it)",
     )
     if os.environ.get("MLXBUF_BACKEND", "").strip().lower() == "metal" and not METAL_AVAILABLE:
         raise pytest.UsageError(

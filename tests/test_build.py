@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import sys
 
 from cffi import FFI
 
@@ -43,3 +44,19 @@ def test_every_header_parses_and_every_source_exists():
         assert os.path.exists(os.path.join(ROOT, src))
     assert "cmetal/device.c" in build.SOURCES and "cmetal/host.c" in build.SOURCES
     assert build.MODULE_NAME == "mlxbuf._cmetal"
+
+
+def test_the_macos_build_links_coregraphics_and_builds_metal_m_with_arc_exceptions(monkeypatch):
+    """What a Mac build gets, read from build_ffi.py as it configures itself
+    there: metal.m among the sources, ARC that survives exceptions
+    (-fobjc-arc-exceptions), and CoreGraphics linked, without which
+    MTLCreateSystemDefaultDevice() can return nil in a command-line process."""
+    for name in ("MLXBUF_METAL_SIM", "MLXBUF_COVERAGE", "MLXBUF_SANITIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    build = load_build_module()
+    assert "cmetal/metal.m" in build.SOURCES
+    assert {"-fobjc-arc", "-fobjc-arc-exceptions"} <= set(build.COMPILE_ARGS)
+    frameworks = [build.LINK_ARGS[i + 1] for i, arg in enumerate(build.LINK_ARGS) if arg == "-framework"]
+    assert {"Metal", "Foundation", "CoreGraphics"} <= set(frameworks)
+    assert ("CM_HAVE_METAL", "1") in build.DEFINE_MACROS

@@ -200,20 +200,25 @@ print("saved", flush=True)
 BIG = 256 << 20
 
 
-def _open_write_fds(pid, directory):
-    """Sizes of the files under ``directory`` that process pid has open."""
+def _open_new_files(pid, target):
+    """Sizes of the new files beside ``target`` that process pid has open:
+    regular files in its directory other than the target itself. (The save
+    also opens the directory to list it, and a directory has a size too:
+    counting it killed the save before its temporary existed.)"""
     sizes = []
     fd_dir = f"/proc/{pid}/fd"
     for name in os.listdir(fd_dir):
         try:
-            target = os.readlink(os.path.join(fd_dir, name))
+            link = os.readlink(os.path.join(fd_dir, name))
         except OSError:
             continue
-        if target.startswith(str(directory)):
+        if os.path.dirname(link) == str(target.parent) and link != str(target):
             try:
-                sizes.append(os.stat(os.path.join(fd_dir, name)).st_size)
+                info = os.stat(os.path.join(fd_dir, name))
             except OSError:
-                pass
+                continue
+            if stat.S_ISREG(info.st_mode):
+                sizes.append(info.st_size)
     return sizes
 
 
@@ -233,7 +238,7 @@ def test_sigkill_mid_save_leaves_the_target_and_no_debris(tmp_path, temp_kind, h
         assert proc.stdout.readline().strip() == "saving"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            sizes = _open_write_fds(proc.pid, tmp_path)
+            sizes = _open_new_files(proc.pid, path)
             if any(0 < size < BIG for size in sizes):
                 break
             if proc.poll() is not None:

@@ -816,6 +816,53 @@ CASE(compute_binding_rules)
     EXPECT_CLEAN();
 }
 
+CASE(pipeline_reflection_reports_buffer_bindings)
+{
+    id<MTLDevice> dev = device();
+    NSError *err = nil;
+    id<MTLLibrary> lib = [dev newLibraryWithSource:@"kernel void r(device float *f [[buffer(0)]],\n"
+                                                   @"  device const float4 *v [[buffer(1)]],\n"
+                                                   @"  device uchar *c [[buffer(2)]],\n"
+                                                   @"  constant packed_float3 &p [[buffer(4)]],\n"
+                                                   @"  device const Item *items [[buffer(5)]]) {}"
+                                           options:nil
+                                             error:&err];
+    id<MTLFunction> fn = [lib newFunctionWithName:@"r"];
+    MTLAutoreleasedComputePipelineReflection reflection = nil;
+    id<MTLComputePipelineState> ps = [dev newComputePipelineStateWithFunction:fn
+                                                                      options:MTLPipelineOptionBindingInfo
+                                                                   reflection:&reflection
+                                                                        error:&err];
+    CHECK(ps != nil && reflection.bindings.count == 5);
+    static const struct {
+        NSUInteger index, alignment, size;
+        MTLBindingAccess access;
+        const char *name;
+    } want[] = {
+        {0, 4, 4, MTLBindingAccessReadWrite, "f"},
+        {1, 16, 16, MTLBindingAccessReadOnly, "v"},
+        {2, 1, 1, MTLBindingAccessReadWrite, "c"},
+        {4, 4, 12, MTLBindingAccessReadOnly, "p"},
+        {5, 4, 0, MTLBindingAccessReadOnly, "items"},   /* a struct: not laid out */
+    };
+    for (NSUInteger i = 0; i < reflection.bindings.count && i < 5; i++) {
+        id<MTLBufferBinding> b = (id<MTLBufferBinding>)[reflection.bindings objectAtIndex:i];
+        CHECK(b.type == MTLBindingTypeBuffer && b.used && !b.argument);
+        CHECK(b.index == want[i].index && b.access == want[i].access);
+        CHECK(b.bufferAlignment == want[i].alignment && b.bufferDataSize == want[i].size);
+        CHECK(strcmp(b.name.UTF8String, want[i].name) == 0);
+    }
+    reflection = nil;                          /* bindings only when asked for */
+    ps = [dev newComputePipelineStateWithFunction:fn
+                                          options:MTLPipelineOptionBufferTypeInfo
+                                       reflection:&reflection
+                                            error:&err];
+    CHECK(ps != nil && reflection != nil && reflection.bindings.count == 0);
+    CHECK([dev newComputePipelineStateWithFunction:fn options:MTLPipelineOptionBindingInfo
+                                        reflection:NULL error:&err] != nil);
+    EXPECT_CLEAN();
+}
+
 CASE(compute_kernel_needs_an_implementation)
 {
     id<MTLDevice> dev = device();
@@ -887,6 +934,22 @@ CASE(library_records_fast_math)
     msim_stats_t s1 = stats();
     CHECK(s1.libraries_compiled - s0.libraries_compiled == 4);
     CHECK(s1.libraries_fast_math - s0.libraries_fast_math == 2);
+    EXPECT_CLEAN();
+    CHECK(msim_configure(14, 0, 0, 0) == 0);  /* mathMode is macOS 15 API */
+    opts = [[MTLCompileOptions alloc] init];
+    opts.fastMathEnabled = NO;
+    EXPECT_CLEAN();
+    BOOL raised = NO;
+    @try {
+        opts.mathMode = MTLMathModeSafe;
+    } @catch (NSException *e) {
+        raised = [e.name isEqualToString:NSInvalidArgumentException];
+    }
+    CHECK(raised);
+    EXPECT_RULE("macos15-api");
+    CHECK(msim_configure(15, 0, 0, 0) == 0);
+    opts.mathMode = MTLMathModeSafe;
+    EXPECT_CLEAN();
 }
 
 /* ---- ordering of untracked resources -------------------------------------------------- */
@@ -1163,6 +1226,7 @@ static const struct {
     ENTRY(blit_ranges_and_alignment),
     ENTRY(blit_commands_of_one_encoder_are_not_ordered),
     ENTRY(compute_binding_rules),
+    ENTRY(pipeline_reflection_reports_buffer_bindings),
     ENTRY(compute_kernel_needs_an_implementation),
     ENTRY(library_reads_kernels_and_visible_errors),
     ENTRY(library_records_fast_math),

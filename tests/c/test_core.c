@@ -9,7 +9,7 @@
 #define _DARWIN_C_SOURCE 1
 
 #include "check.h"
-#include "internal.h" /* only for the failing-submit backend below */
+#include "internal.h" /* only for the backends with replaced primitives below */
 
 #include <inttypes.h>
 #include <pthread.h>
@@ -408,7 +408,7 @@ static void test_copy_fill(void)
     CHECK(cm_cmdbuf_fill(cb, o.storage, 0, 8, 1) == CM_ERR_INVALID_ARGUMENT);
     CHECK(cm_cmdbuf_copy(cb, a.storage, 0, a.storage, 10, 20) == CM_ERR_INVALID_ARGUMENT);
     CHECK_MSG("overlap");
-    CHECK(cm_cmdbuf_dispatch(cb, NULL, NULL, NULL, NULL, NULL, 0, NULL, NULL, 0) ==
+    CHECK(cm_cmdbuf_dispatch(cb, NULL, NULL, NULL, NULL, NULL, NULL, 0, NULL, NULL, 0) ==
           CM_ERR_INVALID_ARGUMENT);
     CHECK_EQ_U(cm_cmdbuf_op_count(cb), 2);
     CHECK_EQ_U(cm_cmdbuf_hold_count(cb), 2);
@@ -483,7 +483,7 @@ static void test_copy_fill(void)
 
     /* No compute on the host backend. */
     cm_library_t *lib = (cm_library_t *)1;
-    CHECK(cm_library_compile(dev, "kernel void k() {}", &lib) == CM_ERR_UNSUPPORTED);
+    CHECK(cm_library_compile(dev, "kernel void k() {}", 0, &lib) == CM_ERR_UNSUPPORTED);
     CHECK_MSG("Metal backend");
     CHECK(lib == NULL);
     cm_library_release(NULL);
@@ -1239,10 +1239,11 @@ static void *sync_main(void *p)
     return NULL;
 }
 
-static int failing_submit(void *state, cm_cmdbuf_t *cb)
+static int failing_submit(void *state, cm_cmdbuf_t *cb, void *prepared)
 {
     (void)state;
     (void)cb;
+    (void)prepared;
     CHECK(pthread_create(&sync_thread, NULL, sync_main, NULL) == 0);
     for (int i = 0; i < 10000 && !atomic_load(&sync_started); i++)
         sleep_ms(1);
@@ -1276,6 +1277,102 @@ static void test_synchronize_after_failed_submit(void)
     cm_device_release(dev);
 }
 
+/* A backend with a prepare step (the host one, with prepare, unprepare
+ * and submit wrapped): prepare runs before the commit takes a lock (both
+ * locks a commit takes are free inside it), its result reaches submit,
+ * and a commit that fails after preparing gives it back. In the discard
+ * mode prepare discards the buffer, as a racing thread could, so the
+ * commit fails after it prepared. */
+static cm_backend_t preparing_backend;
+static const cm_backend_t *host_backend_real;
+static cm_cmdbuf_t *prepare_cb;
+static int prepare_token;
+static int prepare_fails, prepare_discards;
+static atomic_int prepares, unprepares, prepared_submits;
+
+static int recording_prepare(void *state, void **prepared)
+{
+    (void)state;
+    atomic_fetch_add(&prepares, 1);
+    CHECK(pthread_mutex_trylock(&prepare_cb->enc_lock) == 0);
+    pthread_mutex_unlock(&prepare_cb->enc_lock);
+    CHECK(pthread_mutex_trylock(&prepare_cb->dev->submit_lock) == 0);
+    pthread_mutex_unlock(&prepare_cb->dev->submit_lock);
+    if (prepare_fails)
+        return cm__fail(CM_ERR_COMMAND_BUFFER, "injected prepare failure");
+    if (prepare_discards)
+        CHECK_OK(cm_cmdbuf_discard(prepare_cb));
+    *prepared = &prepare_token;
+    return CM_OK;
+}
+
+static void recording_unprepare(void *state, void *prepared)
+{
+    (void)state;
+    CHECK(prepared == &prepare_token);
+    atomic_fetch_add(&unprepares, 1);
+}
+
+static int recording_submit(void *state, cm_cmdbuf_t *cb, void *prepared)
+{
+    CHECK(prepared == &prepare_token);
+    atomic_fetch_add(&prepared_submits, 1);
+    return host_backend_real->submit(state, cb, NULL);
+}
+
+static void test_prepare_runs_before_any_lock(void)
+{
+    cm_device_t *dev = open_host(0);
+    host_backend_real = dev->backend;
+    preparing_backend = *host_backend_real;
+    preparing_backend.prepare = recording_prepare;
+    preparing_backend.unprepare = recording_unprepare;
+    preparing_backend.submit = recording_submit;
+    dev->backend = &preparing_backend;
+    cm_alloc_result_t a;
+    CHECK_OK(cm_storage_alloc(dev, 4096, &a));
+
+    /* A prepare failure is the commit's; nothing was submitted. */
+    CHECK_OK(cm_cmdbuf_create(dev, &prepare_cb));
+    CHECK_OK(cm_cmdbuf_fill(prepare_cb, a.storage, 0, 4096, 3));
+    prepare_fails = 1;
+    CHECK(cm_cmdbuf_commit(prepare_cb) == CM_ERR_COMMAND_BUFFER);
+    CHECK_MSG("injected prepare failure");
+    prepare_fails = 0;
+    CHECK_EQ_U(cm_cmdbuf_status(prepare_cb), CM_CB_NOT_COMMITTED);
+    CHECK_EQ_U(stats(dev).submitted, 0);
+
+    /* Prepared, then submitted with what prepare made. */
+    CHECK_OK(cm_cmdbuf_commit(prepare_cb));
+    CHECK_OK(cm_cmdbuf_wait(prepare_cb));
+    CHECK(all_bytes(a.contents, 4096, 3));
+    CHECK_EQ_U(atomic_load(&prepares), 2);
+    CHECK_EQ_U(atomic_load(&prepared_submits), 1);
+    /* Committing again is refused before anything is prepared. */
+    CHECK(cm_cmdbuf_commit(prepare_cb) == CM_ERR_COMMAND_BUFFER);
+    CHECK_EQ_U(atomic_load(&prepares), 2);
+    cm_cmdbuf_release(prepare_cb);
+
+    /* The buffer stops accepting a commit while it is being prepared: what
+     * prepare made is given back, nothing is submitted. */
+    CHECK_OK(cm_cmdbuf_create(dev, &prepare_cb));
+    CHECK_OK(cm_cmdbuf_fill(prepare_cb, a.storage, 0, 4096, 4));
+    prepare_discards = 1;
+    CHECK(cm_cmdbuf_commit(prepare_cb) == CM_ERR_COMMAND_BUFFER);
+    CHECK_MSG("discarded");
+    prepare_discards = 0;
+    CHECK_EQ_U(atomic_load(&unprepares), 1);
+    CHECK_EQ_U(atomic_load(&prepared_submits), 1);
+    CHECK(all_bytes(a.contents, 4096, 3));
+    cm_cmdbuf_release(prepare_cb);
+    prepare_cb = NULL;
+
+    CHECK_OK(cm_device_synchronize(dev));
+    dev->backend = host_backend_real;
+    cm_storage_release(a.storage);
+    cm_device_release(dev);
+}
+
 int main(void)
 {
     static const test_case_t tests[] = {
@@ -1296,6 +1393,7 @@ int main(void)
         {"threads", test_threads},
         {"destroy_from_worker", test_destroy_from_worker},
         {"sync_after_failed_submit", test_synchronize_after_failed_submit},
+        {"prepare_runs_before_any_lock", test_prepare_runs_before_any_lock},
     };
     return run_tests(tests, sizeof tests / sizeof tests[0]);
 }

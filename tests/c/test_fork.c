@@ -169,7 +169,7 @@ static void check_inherited_refuses(world_t *w, pid_t parent)
     check_refused(cm_residency_flush(w->dev, NULL), parent);
     check_refused(cm_residency_register(w->dev, w->plain), parent);
     check_refused(cm_residency_set_keepalive(w->dev, 10, 0.5), parent);
-    check_refused(cm_library_compile(w->dev, "kernel void k() {}", &lib), parent);
+    check_refused(cm_library_compile(w->dev, "kernel void k() {}", 0, &lib), parent);
     CHECK(pool == NULL && cb == NULL && lib == NULL);
     /* The big fill may have been running at the fork: its write never
      * finishes here. Without one there is nothing to wait for. */

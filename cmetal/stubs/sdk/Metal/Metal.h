@@ -20,6 +20,12 @@
     __attribute__((availability(macos, introduced = 15.0))) \
     __attribute__((availability(ios, introduced = 18.0)))
 
+/* Pipeline bindings reflection (MTLBinding, MTLArgument.h) is macOS 13 /
+ * iOS 16. */
+#define MLXBUF_STUB_API_13 \
+    __attribute__((availability(macos, introduced = 13.0))) \
+    __attribute__((availability(ios, introduced = 16.0)))
+
 #pragma clang assume_nonnull begin
 
 /* ---- types and enums (MTLTypes.h, MTLResource.h, ...) ---------------- */
@@ -131,6 +137,30 @@ enum MTLMathMode : NSInteger {
     MTLMathModeFast = 2,
 } MLXBUF_STUB_API_15;
 
+/* What reflection the pipeline builders return (MTLDevice.h).
+ * BindingInfo (macOS 13) is the new name of ArgumentInfo's bit. */
+typedef NSUInteger MTLPipelineOption;
+enum : MTLPipelineOption {
+    MTLPipelineOptionNone = 0,
+    MTLPipelineOptionBindingInfo MLXBUF_STUB_API_13 = 1UL << 0,
+    MTLPipelineOptionBufferTypeInfo = 1UL << 1,
+};
+
+typedef enum MTLBindingType : NSInteger MTLBindingType;
+enum MTLBindingType : NSInteger {
+    MTLBindingTypeBuffer = 0,
+    MTLBindingTypeThreadgroupMemory = 1,
+    MTLBindingTypeTexture = 2,
+    MTLBindingTypeSampler = 3,
+} MLXBUF_STUB_API_13;
+
+typedef enum MTLBindingAccess : NSUInteger MTLBindingAccess;
+enum MTLBindingAccess : NSUInteger {
+    MTLBindingAccessReadOnly = 0,
+    MTLBindingAccessReadWrite = 1,
+    MTLBindingAccessWriteOnly = 2,
+} MLXBUF_STUB_API_13;
+
 typedef enum MTLGPUFamily : NSInteger MTLGPUFamily;
 enum MTLGPUFamily : NSInteger {
     MTLGPUFamilyApple6 = 1006,
@@ -239,6 +269,33 @@ MLXBUF_STUB_API_15
 @property (readonly) NSUInteger threadExecutionWidth;
 @end
 
+/* ---- pipeline reflection: MTLArgument.h, MTLComputePipeline.h ----------- */
+
+MLXBUF_STUB_API_13
+@protocol MTLBinding <NSObject>
+@property (readonly) NSString *name;
+@property (readonly) MTLBindingType type;
+@property (readonly) MTLBindingAccess access;
+@property (readonly) NSUInteger index;
+@property (readonly, getter=isUsed) BOOL used;
+@property (readonly, getter=isArgument) BOOL argument;
+@end
+
+/* bufferAlignment: the least alignment of the starting offset in the
+ * buffer; bufferDataSize: sizeof(T) for a T * argument. */
+MLXBUF_STUB_API_13
+@protocol MTLBufferBinding <MTLBinding>
+@property (readonly) NSUInteger bufferAlignment;
+@property (readonly) NSUInteger bufferDataSize;
+@end
+
+@interface MTLComputePipelineReflection : NSObject
+@property (readonly) NSArray<id<MTLBinding>> *bindings MLXBUF_STUB_API_13;
+@end
+
+typedef __autoreleasing MTLComputePipelineReflection *_Nullable
+    MTLAutoreleasedComputePipelineReflection;
+
 /* ---- encoders, command buffers, queues --------------------------------- */
 
 @protocol MTLCommandEncoder <NSObject>
@@ -323,6 +380,11 @@ MLXBUF_STUB_API_15
                                           error:(NSError **)error;
 - (nullable id<MTLComputePipelineState>)
     newComputePipelineStateWithFunction:(id<MTLFunction>)computeFunction
+                                  error:(NSError **)error;
+- (nullable id<MTLComputePipelineState>)
+    newComputePipelineStateWithFunction:(id<MTLFunction>)computeFunction
+                                options:(MTLPipelineOption)options
+                             reflection:(MTLAutoreleasedComputePipelineReflection *_Nullable)reflection
                                   error:(NSError **)error;
 @end
 
