@@ -101,7 +101,8 @@ def _parse_bytes_env(name: str, text: str, minimum: int = 1) -> int:
     except ValueError:
         raise InvalidArgument(f"{name}={text!r}: expected a byte count (an integer)") from None
     if value < minimum:
-        raise InvalidArgument(f"{name}={text!r}: must be positive" if minimum else f"{name}={text!r}: must not be negative")
+        need = "must be positive" if minimum > 0 else "must not be negative"
+        raise InvalidArgument(f"{name}={text!r}: {need}")
     return value
 
 
