@@ -303,7 +303,7 @@ def test_release_idle_timeout_commits_from_the_residency_thread(device, rs):
     assert rs.pending_release_count == 0
 
 
-def test_raising_the_threshold_or_timeout_keeps_memory_waiting(device, rs):
+def test_lowering_the_threshold_below_what_waits_commits_it(device, rs):
     rs.set_release_policy(1 << 40, 0)
     bufs = [device.alloc_buffer(1 << 16, "u8", (1,)) for _ in range(4)]
     del bufs
