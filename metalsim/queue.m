@@ -505,7 +505,10 @@ static BOOL run_dispatch(MSimCommand *c, char *msg, size_t cap)
      * unhooked under the lock and released after it: a buffer whose last
      * reference they held dies then, and its deallocator (code of the
      * buffer's creator) must not run under the simulator's lock, which
-     * Metal's own callers never hold. */
+     * Metal's own callers never hold. Fences and events point back at
+     * the passes that updated or signalled them: the pass's side of those
+     * links goes too, or each pair is a retain cycle that outlives the
+     * command buffer. */
     MSimList *dying = [[MSimList alloc] init];
     msim__lock();
     MSimList *passes = _passes;
@@ -514,8 +517,12 @@ static BOOL run_dispatch(MSimCommand *c, char *msg, size_t cap)
         MSimPass *p = [passes at:i];
         [dying add:p.predecessors];
         [dying add:p.commands];
+        [dying add:p.fenceWaits];
+        [dying add:p.fenceUpdates];
         p.predecessors = [[MSimList alloc] init];
         p.commands = [[MSimList alloc] init];
+        p.fenceWaits = [[MSimList alloc] init];
+        p.fenceUpdates = [[MSimList alloc] init];
         p.event = nil;
     }
     _slotReleased = YES;
