@@ -2,6 +2,7 @@
 
 import ctypes
 import gc
+import time
 import mmap
 import os
 import subprocess
@@ -37,6 +38,23 @@ def release_deferred(device):
     rs = device.residency_set
     if rs is not None:
         rs.flush_pending()
+        wait_until_released(device)
+
+
+def wait_until_released(device, timeout=30):
+    """Wait until no freed memory waits for its removal's commit or is being
+    given back. A commit made by another thread (the residency thread's idle
+    timer) unlists what it released at once but gives it back just after,
+    outside its locks, so the figures settle a moment later. A bounded wait:
+    it fails only if the memory never comes back."""
+    rs = device.residency_set
+    deadline = time.monotonic() + timeout
+    while rs.pending_release_count or device.stats().deferred_release_bytes:
+        assert time.monotonic() < deadline, (
+            f"{rs.pending_release_count} freed storages ({device.stats().deferred_release_bytes} bytes) "
+            f"still wait after {timeout} s"
+        )
+        time.sleep(0.002)
 
 
 def hypothesis_profile():

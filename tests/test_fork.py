@@ -217,7 +217,11 @@ running.wait()
 pending.discard()
 dev.synchronize()
 dev.residency_set.flush_pending()
-assert dev.residency_set.pending_release_count == 0 and dev.stats().deferred_release_bytes == 0
+# The residency thread's idle commit may be giving memory back still.
+deadline = time.monotonic() + 60
+while dev.residency_set.pending_release_count or dev.stats().deferred_release_bytes:
+    assert time.monotonic() < deadline, "freed memory did not come back"
+    time.sleep(0.002)
 print("ok")
 """
 

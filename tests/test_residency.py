@@ -7,7 +7,7 @@ import time
 import pytest
 
 import mlxbuf
-from support import allocated_size_of, assert_names, page_aligned_ctypes, run_clean
+from support import allocated_size_of, assert_names, page_aligned_ctypes, run_clean, wait_until_released
 
 DECODE_SCRATCH = 440
 
@@ -285,10 +285,7 @@ def test_release_idle_timeout_commits_from_the_residency_thread(device, rs):
     rs.flush_pending()
     commits = rs.commit_count
     del buf
-    deadline = time.monotonic() + 30
-    while rs.pending_release_count and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert rs.pending_release_count == 0 and device.stats().deferred_release_bytes == 0
+    wait_until_released(device)
     assert rs.commit_count == commits + 1
     assert not rs.pending
     # Lowering the timeout applies to what already waits.
@@ -297,10 +294,7 @@ def test_release_idle_timeout_commits_from_the_residency_thread(device, rs):
     del buf
     assert rs.pending_release_count == 1
     rs.release_idle_seconds = 0.01
-    deadline = time.monotonic() + 30
-    while rs.pending_release_count and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert rs.pending_release_count == 0
+    wait_until_released(device)
 
 
 def test_lowering_the_threshold_below_what_waits_commits_it(device, rs):

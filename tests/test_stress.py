@@ -40,6 +40,7 @@ import numpy as np
 import pytest
 
 import mlxbuf
+from support import release_deferred
 
 SECONDS = float(os.environ.get("MLXBUF_STRESS_SECONDS", "3"))
 WORKERS = 4
@@ -301,7 +302,7 @@ def test_threads_churn_and_everything_comes_back(backend):
     assert stats.active_bytes == stats.cached_bytes == s.free_allocated_bytes
     assert stats.live_storages == stats.cached_storages == s.free_count
     pool.close()
-    rs.flush_pending()
+    release_deferred(dev)  # the residency thread may be giving some back still
     stats = dev.stats()
     assert stats.active_bytes == start.active_bytes, "memory did not come back"
     assert stats.live_storages == 0 and stats.alloc_count == stats.free_count
