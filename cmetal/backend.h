@@ -71,25 +71,46 @@ typedef struct cm_backend {
     void (*close)(void *state);
 
     /* len bytes (already checked: 0 < len <= max_buffer_length),
-     * zero-filled, page-aligned, CPU-visible at *contents. */
+     * zero-filled, page-aligned, CPU-visible at *contents; *allocated is
+     * what the allocation really occupies (Metal: allocatedSize, whole
+     * 16 KiB pages on Apple Silicon; host: len rounded up to its page). */
     int (*buffer_alloc)(void *state, uint64_t len, cm_native_t *native,
-                        uint8_t **contents);
+                        uint8_t **contents, uint64_t *allocated);
     void (*buffer_free)(void *state, cm_native_t native, uint8_t *contents,
                         uint64_t len);
 
     /* Make a native buffer over caller memory without copying (file
-     * mappings, external memory). ptr is page-aligned and len a whole
-     * number of pages when the core calls it for a mapping. The backend
-     * reports CM_ERR_UNSUPPORTED for memory it cannot wrap. */
-    int (*buffer_wrap)(void *state, void *ptr, uint64_t len, cm_native_t *native);
+     * mappings, external memory), *allocated as for buffer_alloc. ptr is
+     * page-aligned and len a whole number of pages when the core calls it
+     * for a mapping. The backend reports CM_ERR_UNSUPPORTED for memory it
+     * cannot wrap. release(ctx) (may be NULL) gives the memory back: on
+     * success the backend runs it exactly once, on any thread, when the
+     * native object dies, which may be after buffer_unwrap (Metal: from
+     * the buffer's deallocator, once command buffers and residency sets
+     * let go; host: in buffer_unwrap); on failure never. */
+    int (*buffer_wrap)(void *state, void *ptr, uint64_t len, void (*release)(void *ctx),
+                       void *ctx, cm_native_t *native, uint64_t *allocated);
     void (*buffer_unwrap)(void *state, cm_native_t native);
 
-    /* Adopt (retain) a native buffer given by its handle. */
+    /* Adopt (retain) a native buffer given by its handle: its contents,
+     * length and allocated size. buffer_unwrap gives the reference back. */
     int (*buffer_adopt)(void *state, uint64_t handle, cm_native_t *native,
-                        uint8_t **contents, uint64_t *len);
+                        uint8_t **contents, uint64_t *len, uint64_t *allocated);
 
     /* The integer handle users see (MTLBuffer pointer) or 0. */
     uint64_t (*native_handle)(cm_native_t native);
+
+    /* The native allocation a residency set holds for a buffer, and its
+     * allocated bytes: the buffer itself, or the heap it was cut from (a
+     * buffer of a heap makes the whole heap resident). *allocation stays
+     * valid as long as the buffer. len is what the core knows of the
+     * buffer (host: the buffer itself, len rounded up to its page). */
+    void (*allocation_of)(void *state, cm_native_t native, uint64_t len, void **allocation,
+                          uint64_t *allocated);
+
+    /* Bytes the backend holds for this device, for statistics (Metal:
+     * currentAllocatedSize; host: its own allocations and wraps). */
+    uint64_t (*current_allocated_size)(void *state);
 
     /* Optional. Whether the backend leaves the ordering of work on an
      * adopted native buffer to its user (Metal: the buffer's hazard
@@ -100,14 +121,19 @@ typedef struct cm_backend {
 
     /* Residency-set primitives, called with the device's lock held; never
      * called when residency is off. rset_create makes shard `index` and
-     * attaches it to the device's queue. add/remove only stage; commit
-     * applies; request re-requests residency (keep-alive). */
+     * attaches it to the device's queue. add/remove (of an allocation
+     * named by allocation_of) only stage; commit applies; request
+     * re-requests residency (keep-alive). Each returns CM_OK or fails
+     * with CM_ERR_RESIDENCY and a message (an add or remove that failed
+     * staged nothing; a commit that failed applied nothing). rset_destroy
+     * detaches and releases a shard at the device's teardown, when no
+     * caller is left to tell: it cannot fail. */
     int (*rset_create)(void *state, unsigned index, void **rset);
     void (*rset_destroy)(void *state, void *rset);
-    void (*rset_add)(void *rset, cm_native_t native);
-    void (*rset_remove)(void *rset, cm_native_t native);
-    void (*rset_commit)(void *rset);
-    void (*rset_request)(void *rset);
+    int (*rset_add)(void *rset, void *allocation);
+    int (*rset_remove)(void *rset, void *allocation);
+    int (*rset_commit)(void *rset);
+    int (*rset_request)(void *rset);
 
     /* Optional, both or neither. prepare makes what a submission needs
      * that may block (Metal: the command buffer, which Metal makes the

@@ -515,14 +515,17 @@ int cm_cmdbuf_commit(cm_cmdbuf_t *cb)
         return rc;
     }
     /* The one point where staged residency changes are applied: whatever
-     * was added since the last submission is resident before this runs. */
-    uint64_t committed;
+     * was added since the last submission is resident before this runs.
+     * What the commit let go is given back once no lock is held (an
+     * external owner's release is code from outside the core). */
+    cm_storage_t *released;
     pthread_mutex_lock(&dev->submit_lock);
-    rc = cm_residency_flush(dev, &committed);
+    rc = cm__residency_flush_detach(dev, &released);
     if (rc != CM_OK) {
         pthread_mutex_unlock(&dev->submit_lock);
         pthread_mutex_unlock(&cb->enc_lock);
         unprepare(dev, prepared);
+        cm__residency_give_back(dev, released);
         return rc;
     }
     for (size_t i = 0; i < cb->nwrites; i++)
@@ -547,10 +550,12 @@ int cm_cmdbuf_commit(cm_cmdbuf_t *cb)
         atomic_fetch_sub(&cb->refcount, 1);
         pthread_mutex_unlock(&dev->submit_lock);
         pthread_mutex_unlock(&cb->enc_lock);
+        cm__residency_give_back(dev, released);
         return rc;
     }
     pthread_mutex_unlock(&dev->submit_lock);
     pthread_mutex_unlock(&cb->enc_lock);
+    cm__residency_give_back(dev, released);
     cm__keepalive_note_submit(dev);
     return CM_OK;
 }

@@ -96,15 +96,30 @@ typedef struct cm_device_info {
     char residency_disabled_reason[CM_NAME_MAX]; /* "" when enabled       */
 } cm_device_info_t;
 
+/* Byte counts of memory are *allocated* bytes: what the backend took for
+ * a storage, whole pages (16 KiB on Apple Silicon: a 64-byte storage
+ * occupies 16384), not the bytes asked for (cm_storage_info_t has both). */
 typedef struct cm_device_stats {
-    uint64_t active_bytes;      /* bytes in live device-owned storages,
-                                   pool caches included (external storages
-                                   excluded)                              */
+    uint64_t active_bytes;      /* allocated bytes of live device-owned
+                                   storages (allocations, pool storages,
+                                   file mappings), pool caches included;
+                                   external storages excluded             */
     uint64_t peak_bytes;        /* max of active_bytes since reset        */
     uint64_t live_storages;     /* device-owned storages alive            */
     uint64_t cached_bytes;      /* part of active_bytes idle in pool caches */
     uint64_t cached_storages;
-    uint64_t memory_limit;      /* allocations beyond this fail           */
+    uint64_t deferred_release_bytes; /* allocated bytes of freed device-
+                                   owned storages whose memory waits for
+                                   the residency commit that removes them
+                                   (not in active_bytes)                  */
+    uint64_t memory_limit;      /* an allocation that would take
+                                   active_bytes + deferred_release_bytes
+                                   above this fails                       */
+    uint64_t current_allocated_size; /* what the backend reports it holds
+                                   for this device: Metal's
+                                   currentAllocatedSize (every resource,
+                                   made by mlxbuf or not); host: its own
+                                   allocations and wraps, in pages        */
     uint64_t alloc_count;       /* backend allocations made               */
     uint64_t free_count;        /* backend frees made                     */
     uint64_t submitted;         /* command buffers submitted              */
@@ -123,6 +138,10 @@ typedef struct cm_storage_info {
     uint8_t *contents;          /* CPU address of byte 0                  */
     uint64_t byte_len;          /* bytes addressable from contents        */
     uint64_t requested_len;     /* bytes asked for (pool: before rounding) */
+    uint64_t allocated_size;    /* bytes the backend allocated for it:
+                                   whole pages (external storages: the
+                                   pages wrapped; an adopted native
+                                   buffer: its allocatedSize)             */
     int kind;                   /* CM_STORAGE_*                           */
     int resident;               /* registered in the device's residency   */
     int shard;                  /* residency shard index, -1 if none      */
@@ -133,6 +152,10 @@ typedef struct cm_storage_info {
     uint64_t inflight_writers;  /* submitted command buffers writing it   */
 } cm_storage_info_t;
 
+/* Membership is per native allocation: an MTLBuffer (however many
+ * storages share it), or the MTLHeap a buffer was cut from (a buffer of a
+ * heap makes the whole heap resident). allocation_count counts those, and
+ * allocated_size their allocated bytes (a heap: all of it). */
 typedef struct cm_residency_info {
     int enabled;
     uint64_t allocation_count;            /* staged view                  */
@@ -147,6 +170,12 @@ typedef struct cm_residency_info {
     uint64_t keepalive_requests;          /* requestResidency calls made  */
     double keepalive_seconds;             /* 0 = keep-alive off           */
     double keepalive_interval;
+    uint64_t pending_release_count;       /* freed storages whose removal
+                                             awaits its commit            */
+    uint64_t pending_release_bytes;       /* their allocations' bytes     */
+    uint64_t release_threshold_bytes;     /* pending above this: commit   */
+    double release_idle_seconds;          /* oldest pending this old:
+                                             commit; 0 = no idle commit   */
 } cm_residency_info_t;
 
 typedef struct cm_residency_shard_info {
@@ -157,13 +186,17 @@ typedef struct cm_residency_shard_info {
     uint64_t commit_count;
 } cm_residency_shard_info_t;
 
+/* Class bytes are what a size class promises (a storage's byte_len);
+ * allocated bytes what its storages occupy (whole pages). */
 typedef struct cm_pool_stats {
     uint64_t free_count;        /* storages idle in the cache             */
     uint64_t free_bytes;        /* their class bytes                      */
+    uint64_t free_allocated_bytes; /* their allocated bytes               */
     uint64_t in_use_count;      /* pooled storages alive outside the cache */
     uint64_t in_use_bytes;      /* their class bytes                      */
+    uint64_t in_use_allocated_bytes; /* their allocated bytes             */
     uint64_t requested_bytes;   /* bytes asked for by the in-use storages */
-    uint64_t cache_limit;       /* free_bytes never exceeds this          */
+    uint64_t cache_limit;       /* free_allocated_bytes never exceeds this */
     uint64_t hits;              /* allocations served from the cache      */
     uint64_t misses;            /* allocations that went to the device    */
     uint64_t evictions;         /* cached storages freed by the limit     */
@@ -217,8 +250,10 @@ int cm_device_info(cm_device_t *dev, cm_device_info_t *out);
 int cm_device_stats(cm_device_t *dev, cm_device_stats_t *out);
 void cm_device_reset_peak(cm_device_t *dev);
 
-/* Allocations that would take active_bytes above limit fail (after the
- * device's pools have given back their caches). Writes the old limit. */
+/* Allocations that would take active_bytes + deferred_release_bytes (in
+ * allocated bytes) above limit fail, after the device's pools have given
+ * back their caches and the removals holding freed memory were committed.
+ * Writes the old limit. */
 int cm_device_set_memory_limit(cm_device_t *dev, uint64_t limit, uint64_t *old);
 
 /* Block until every command buffer submitted so far has completed and
@@ -260,8 +295,11 @@ cm_device_t *cm_storage_device(cm_storage_t *s);
 int cm_storage_wait_idle(cm_storage_t *s);
 
 /* Wrap caller-owned memory as a storage without copying. release(ctx) runs
- * once, on any thread, when the storage is freed (after any command buffer
- * that used it completed); release may be NULL. Host: any address.
+ * once, on any thread, once nothing may touch the memory any more: after
+ * the storage is freed, every command buffer that used it completed, its
+ * residency removal (if it was registered) was committed and the backend
+ * let go of its native buffer (Metal: from the MTLBuffer's deallocator);
+ * release may be NULL. Host: any address.
  * Metal: ptr must be page-aligned (CM_ERR_UNSUPPORTED otherwise, so the
  * caller can copy). Not registered in the residency set; not counted in
  * active_bytes. On failure release is NOT called. */
@@ -292,6 +330,15 @@ int cm_residency_info(cm_device_t *dev, cm_residency_info_t *out);
 int cm_residency_shard_info(cm_device_t *dev, uint64_t index,
                             cm_residency_shard_info_t *out);
 
+/* Residency-set failures: a failing call returns CM_ERR_RESIDENCY. A
+ * failure no call can report (a removal staged when a storage's last
+ * reference died, a commit made by the release threshold or the idle
+ * timer, a keep-alive request) is recorded on the device, and the work is
+ * retried at the next commit; the next cm_residency_commit,
+ * cm_residency_flush or cm_cmdbuf_commit does that work and then returns
+ * the recorded failure (cm_cmdbuf_commit submits nothing then: commit it
+ * again). */
+
 /* Commit every shard now, pending or not. */
 int cm_residency_commit(cm_device_t *dev);
 
@@ -299,7 +346,9 @@ int cm_residency_commit(cm_device_t *dev);
  * (0 when nothing was pending). */
 int cm_residency_flush(cm_device_t *dev, uint64_t *committed);
 
-/* *out = 1 if the storage is in the set (staged view). */
+/* *out = 1 if the storage's native allocation is in the set (staged
+ * view), whether this storage registered it or another storage over the
+ * same MTLBuffer (or heap) did. */
 int cm_residency_contains(cm_device_t *dev, cm_storage_t *s, int *out);
 
 /* Stage an add for a storage that is not registered (external or wrapped
@@ -317,6 +366,21 @@ int cm_residency_set_shard_cap(cm_device_t *dev, uint64_t cap_bytes, uint64_t *o
  * every shard every `interval` seconds from a background thread that sleeps
  * while there is nothing to keep alive. seconds = 0 switches it off. */
 int cm_residency_set_keepalive(cm_device_t *dev, double seconds, double interval);
+
+/* Deferred release. A residency set holds its members until a removal is
+ * committed, so a freed storage's native buffer and memory wait for the
+ * commit that removes it, and are released right after it (never while a
+ * command buffer holds the storage). That commit comes no later than the
+ * first of: the next submission (cm_cmdbuf_commit), the moment the bytes
+ * waiting pass threshold_bytes (0: every removal commits at once;
+ * UINT64_MAX: never for size), and idle_seconds after the oldest waiting
+ * removal was staged (0: never for time; else 1e-3 to 1e9 s), from a
+ * background thread that sleeps while nothing waits. Defaults: 64 MiB and
+ * 1 s. Writes the old values (either pointer may be NULL).
+ * CM_ERR_RESIDENCY when residency is off (nothing is deferred then). */
+int cm_residency_set_release_policy(cm_device_t *dev, uint64_t threshold_bytes,
+                                    double idle_seconds, uint64_t *old_threshold,
+                                    double *old_idle);
 
 /* ------------------------------------------------------------------ */
 /* Pool                                                                */

@@ -6,8 +6,8 @@
  * Owns the device record: it creates every lock of the device and destroys
  * them, and registers the device with fork.c from open to teardown. Takes
  * dev->cb_lock (cm_device_stats, cm_device_synchronize); teardown takes
- * dev->ka_lock and dev->lock through keepalive.c and residency.c. Lock
- * order: LOCKING.md.
+ * dev->rt_lock and dev->lock through residency_thread.c and residency.c.
+ * Lock order: LOCKING.md.
  */
 #define _DEFAULT_SOURCE 1
 #define _DARWIN_C_SOURCE 1
@@ -25,10 +25,12 @@ static void free_record(cm_device_t *dev)
     pthread_mutex_destroy(&dev->cb_lock);
     pthread_mutex_destroy(&dev->submit_lock);
     pthread_cond_destroy(&dev->cb_cond);
-    pthread_mutex_destroy(&dev->ka_lock);
-    pthread_cond_destroy(&dev->ka_cond);
+    pthread_mutex_destroy(&dev->rt_lock);
+    pthread_cond_destroy(&dev->rt_cond);
     free(dev);
 }
+
+static void device_finish_teardown(cm_device_t *dev);
 
 int cm_device_open(int backend, int flags, cm_device_t **out)
 {
@@ -57,13 +59,15 @@ int cm_device_open(int backend, int flags, cm_device_t **out)
     atomic_init(&dev->memory_limit, UINT64_MAX);
     atomic_init(&dev->cached_bytes, 0);
     atomic_init(&dev->cached_storages, 0);
+    atomic_init(&dev->deferred_bytes, 0);
     pthread_mutex_init(&dev->lock, NULL);
     pthread_mutex_init(&dev->cb_lock, NULL);
     pthread_mutex_init(&dev->submit_lock, NULL);
     pthread_cond_init(&dev->cb_cond, NULL);
-    pthread_mutex_init(&dev->ka_lock, NULL);
-    pthread_cond_init(&dev->ka_cond, NULL);
+    pthread_mutex_init(&dev->rt_lock, NULL);
+    pthread_cond_init(&dev->rt_cond, NULL);
     dev->backend = be;
+    dev->finish_teardown = device_finish_teardown;
     dev->pid = getpid();
     dev->ka_interval = 1.0;
     dev->ka_last_submit = -1.0;
@@ -102,20 +106,29 @@ void cm__device_retain(cm_device_t *dev)
     atomic_fetch_add_explicit(&dev->refcount, 1, memory_order_relaxed);
 }
 
+/* After the residency thread is stopped: give back what the residency
+ * sets held, then the backend's state and the record. */
+static void device_finish_teardown(cm_device_t *dev)
+{
+    cm__residency_close(dev);
+    dev->backend->close(dev->state);
+    free_record(dev);
+}
+
 static void device_destroy(cm_device_t *dev)
 {
     /* In a child forked from the process that opened the device, the queue
-     * and keep-alive threads did not survive the fork: joining them, or
+     * and residency threads did not survive the fork: joining them, or
      * destroying the condition variables they waited on (glibc waits for
      * the waiters), would hang the child's exit. Leave the record, still
      * registered, to the child's exit instead. */
     if (dev->inherited)
         return;
     cm__fork_remove_device(dev);
-    cm__keepalive_stop(dev);
-    cm__residency_close(dev);
-    dev->backend->close(dev->state);
-    free_record(dev);
+    /* An external owner's release, run by the residency thread, can drop
+     * the last reference there: the thread finishes the teardown. */
+    if (cm__residency_thread_stop(dev))
+        device_finish_teardown(dev);
 }
 
 void cm_device_release(cm_device_t *dev)
@@ -144,7 +157,9 @@ int cm_device_stats(cm_device_t *dev, cm_device_stats_t *out)
     out->live_storages = atomic_load(&dev->live_storages);
     out->cached_bytes = atomic_load(&dev->cached_bytes);
     out->cached_storages = atomic_load(&dev->cached_storages);
+    out->deferred_release_bytes = atomic_load(&dev->deferred_bytes);
     out->memory_limit = atomic_load(&dev->memory_limit);
+    out->current_allocated_size = dev->backend->current_allocated_size(dev->state);
     out->alloc_count = atomic_load(&dev->alloc_count);
     out->free_count = atomic_load(&dev->free_count);
     pthread_mutex_lock(&dev->cb_lock);

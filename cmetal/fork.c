@@ -6,7 +6,7 @@
  * device opened before the fork still does in the child.
  *
  * Why: fork() copies the calling thread only. A lock that another thread
- * (a queue worker, the keep-alive thread, a caller inside the core) held
+ * (a queue worker, the residency thread, a caller inside the core) held
  * at that instant stays locked in the child forever, and the data it
  * guards may be half-updated. The prepare handler takes every lock in
  * LOCKING.md's order, so it waits until no other thread is inside any of
@@ -14,7 +14,7 @@
  * whole.
  *
  * In the child, a device opened before the fork is *inherited*: its queue,
- * keep-alive and backend threads stayed in the parent. Anything that would
+ * residency and backend threads stayed in the parent. Anything that would
  * make something new on it or wait for its threads fails with
  * CM_ERR_DEVICE_NOT_FOUND (cm__fork_refuse), so the child is told instead
  * of hanging; the same on every backend, so what tests see on the host
@@ -29,7 +29,12 @@
  *   framework that need not work after fork() (cm__fork_may_free).
  * - Its residency membership is left alone: the set is the parent's GPU
  *   state, nothing in the child commits it, and a staged removal would
- *   only call the backend for nothing (residency.c).
+ *   only call the backend for nothing (residency.c). So an inherited
+ *   storage's memory goes back at its last reference, never waiting for
+ *   a commit; the storages that already waited for one at the fork (the
+ *   parent's release list) stay in the child's copy of the list until the
+ *   child exits, since no commit comes there, while the parent gives its
+ *   own back as usual.
  * - A pooled storage is freed, never cached: its pool serves nothing in
  *   the child (pool.c).
  *
@@ -56,7 +61,7 @@ static const size_t device_locks[] = {
     offsetof(cm_device_t, submit_lock),
     offsetof(cm_device_t, lock),
     offsetof(cm_device_t, cb_lock),
-    offsetof(cm_device_t, ka_lock),
+    offsetof(cm_device_t, rt_lock),
 };
 #define NDEVICE_LOCKS (sizeof device_locks / sizeof device_locks[0])
 

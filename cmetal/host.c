@@ -49,7 +49,17 @@ typedef struct host_state {
     cm_cmdbuf_t *head, *tail; /* FIFO linked through cb->backend_data     */
     uint64_t page;
     uint64_t ram;           /* the machine's, or our assumption of it     */
+    atomic_uint_fast64_t allocated; /* pages of live allocations and wraps */
 } host_state_t;
+
+/* A wrap: the caller's memory and what gives it back. The native object
+ * of a wrapped storage, so each wrap is its own allocation, as each
+ * newBufferWithBytesNoCopy is on Metal. */
+typedef struct host_wrap {
+    uint64_t size;
+    void (*release)(void *ctx);
+    void *ctx;
+} host_wrap_t;
 
 /* Host memory is always resident; the set only remembers what was asked
  * so a debugger shows the same story as on Metal. */
@@ -199,6 +209,7 @@ static int host_open(cm_device_t *dev, void **state, cm_device_info_t *info)
 
     pthread_mutex_init(&st->lock, NULL);
     pthread_cond_init(&st->cond, NULL);
+    atomic_init(&st->allocated, 0);
     int err = pthread_create(&st->worker, NULL, host_worker, st);
     if (err != 0) {
         pthread_mutex_destroy(&st->lock);
@@ -266,7 +277,7 @@ static void host_close(void *state)
 /* ------------------------------------------------------------------ */
 
 static int host_buffer_alloc(void *state, uint64_t len, cm_native_t *native,
-                             uint8_t **contents)
+                             uint8_t **contents, uint64_t *allocated)
 {
     host_state_t *st = state;
     char b1[64];
@@ -284,8 +295,10 @@ static int host_buffer_alloc(void *state, uint64_t len, cm_native_t *native,
             return cm__fail(CM_ERR_OUT_OF_MEMORY, "host mapping of %s failed: %s",
                             BYTES(size, b1), strerror(errno));
     }
+    atomic_fetch_add(&st->allocated, size);
     *native = p;
     *contents = p;
+    *allocated = size;
     return CM_OK;
 }
 
@@ -298,29 +311,45 @@ static void host_buffer_free(void *state, cm_native_t native, uint8_t *contents,
         free(contents);
     else
         munmap(contents, (size_t)size);
+    atomic_fetch_sub(&st->allocated, size);
 }
 
-static int host_buffer_wrap(void *state, void *ptr, uint64_t len, cm_native_t *native)
+static int host_buffer_wrap(void *state, void *ptr, uint64_t len, void (*release)(void *ctx),
+                            void *ctx, cm_native_t *native, uint64_t *allocated)
 {
-    (void)state;
-    (void)len;
-    *native = ptr;
+    host_state_t *st = state;
+    (void)ptr;
+    host_wrap_t *w = malloc(sizeof *w);
+    if (w == NULL)
+        return cm__fail(CM_ERR_OUT_OF_MEMORY, "cannot allocate a host wrap record");
+    w->size = host_round(st, len);
+    w->release = release;
+    w->ctx = ctx;
+    atomic_fetch_add(&st->allocated, w->size);
+    *native = w;
+    *allocated = w->size;
     return CM_OK;
 }
 
+/* Nothing else holds the wrap: the memory goes back now. */
 static void host_buffer_unwrap(void *state, cm_native_t native)
 {
-    (void)state;
-    (void)native;
+    host_state_t *st = state;
+    host_wrap_t *w = native;
+    atomic_fetch_sub(&st->allocated, w->size);
+    if (w->release != NULL)
+        w->release(w->ctx);
+    free(w);
 }
 
 static int host_buffer_adopt(void *state, uint64_t handle, cm_native_t *native,
-                             uint8_t **contents, uint64_t *len)
+                             uint8_t **contents, uint64_t *len, uint64_t *allocated)
 {
     (void)state;
     (void)native;
     (void)contents;
     (void)len;
+    (void)allocated;
     return cm__fail(CM_ERR_UNSUPPORTED,
                     "cannot wrap native handle 0x%llx: the host backend has no native "
                     "buffer objects (wrap the memory itself with cm_storage_wrap_external)",
@@ -331,6 +360,19 @@ static uint64_t host_native_handle(cm_native_t native)
 {
     (void)native;
     return 0;
+}
+
+/* No heaps: every native object is its own allocation. */
+static void host_allocation_of(void *state, cm_native_t native, uint64_t len,
+                               void **allocation, uint64_t *allocated)
+{
+    *allocation = native;
+    *allocated = host_round(state, len);
+}
+
+static uint64_t host_current_allocated_size(void *state)
+{
+    return atomic_load(&((host_state_t *)state)->allocated);
 }
 
 /* ------------------------------------------------------------------ */
@@ -354,26 +396,30 @@ static void host_rset_destroy(void *state, void *rset)
     free(rset);
 }
 
-static void host_rset_add(void *rset, cm_native_t native)
+static int host_rset_add(void *rset, void *allocation)
 {
-    (void)native;
+    (void)allocation;
     ((host_rset_t *)rset)->members++;
+    return CM_OK;
 }
 
-static void host_rset_remove(void *rset, cm_native_t native)
+static int host_rset_remove(void *rset, void *allocation)
 {
-    (void)native;
+    (void)allocation;
     ((host_rset_t *)rset)->members--;
+    return CM_OK;
 }
 
-static void host_rset_commit(void *rset)
+static int host_rset_commit(void *rset)
 {
     ((host_rset_t *)rset)->commits++;
+    return CM_OK;
 }
 
-static void host_rset_request(void *rset)
+static int host_rset_request(void *rset)
 {
     ((host_rset_t *)rset)->requests++;
+    return CM_OK;
 }
 
 /* ------------------------------------------------------------------ */
@@ -429,6 +475,8 @@ const cm_backend_t cm_host_backend = {
     .buffer_unwrap = host_buffer_unwrap,
     .buffer_adopt = host_buffer_adopt,
     .native_handle = host_native_handle,
+    .allocation_of = host_allocation_of,
+    .current_allocated_size = host_current_allocated_size,
     .rset_create = host_rset_create,
     .rset_destroy = host_rset_destroy,
     .rset_add = host_rset_add,

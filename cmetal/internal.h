@@ -15,8 +15,9 @@
  *   safetensors.c                        (the safetensors header scanner)
  *   host.c, metal.m                      (backends)
  *   fork.c
- *   backend.c, memory.c, residency.c
- *   keepalive.c
+ *   backend.c, memory.c
+ *   residency.c
+ *   residency_thread.c
  *   device.c
  *   storage.c, compute.c
  *   cmdbuf.c, pool.c
@@ -64,12 +65,26 @@ const char *cm__fmt_bytes(uint64_t n, char *buf, size_t cap);
 
 typedef struct cm_shard {
     void *rset;                       /* backend residency set            */
-    uint64_t count;                   /* storages (staged view)           */
+    uint64_t count;                   /* members (staged view)            */
     uint64_t committed_count;
-    uint64_t bytes;
-    uint64_t commit_count;
+    uint64_t bytes;                   /* members' allocated bytes         */
+    uint64_t commit_count;            /* successful commits               */
     bool pending;
 } cm_shard_t;
+
+/* One native allocation in the device's residency set (backend.h,
+ * allocation_of): an MTLBuffer however many storages share it, or the
+ * heap buffers were cut from. Guarded by dev->lock, in dev->members. */
+typedef struct cm_member {
+    void *allocation;                 /* borrowed: a registered storage (or
+                                         one waiting in the release list)
+                                         keeps a buffer of it alive      */
+    uint64_t size;                    /* its allocated bytes              */
+    uint64_t storages;                /* registered storages; 0 while a
+                                         failed removal is owed          */
+    unsigned shard;
+    struct cm_member *next;           /* hash chain                       */
+} cm_member_t;
 
 /* Who keeps a storage once its last reference dies (a pool installs
  * itself when it makes one). The storage holds a reference on its owner
@@ -93,19 +108,33 @@ struct cm_storage {
     uint8_t *contents;                /* CPU address of byte 0            */
     uint64_t byte_len;
     uint64_t requested_len;
+    uint64_t allocated;               /* bytes the backend allocated      */
     cm_native_t native;               /* NULL only when not GPU-visible   */
     uint64_t native_offset;           /* byte 0 inside the native buffer  */
     uint64_t alloc_len;               /* length passed to buffer_alloc    */
-    void *map_base;                   /* mmap base and length (mapped)    */
-    uint64_t map_len;
-    void (*ext_release)(void *ctx);   /* external owner's release         */
+    /* What gives the memory back once nothing may touch it (a mapping's
+     * munmap, an external owner's release). Wrapped memory hands it to
+     * the backend (backend_releases), which runs it when the native
+     * object dies; an adopted native buffer's runs after buffer_unwrap. */
+    void (*ext_release)(void *ctx);
     void *ext_ctx;
+    bool backend_releases;
     bool untracked;                   /* backend.h, native_untracked      */
-    int shard;                        /* guarded by dev->lock; -1 if none */
+    cm_member_t *member;              /* guarded by dev->lock; NULL when
+                                         not registered                   */
     atomic_uint_fast64_t inflight_writers;
     /* the owner's cache links, guarded by the owner's lock while cached */
     cm_storage_t *class_prev, *class_next;
     cm_storage_t *lru_prev, *lru_next;
+    /* Once dead and waiting for its removal's commit (residency.c, the
+     * release list under dev->lock): the shard and that shard's commit
+     * count when the removal was staged, when it was, and the link. A
+     * storage whose removal failed keeps its member, the removal owed. */
+    bool deferred;
+    unsigned grave_shard;
+    uint64_t grave_commit;
+    double grave_time;
+    cm_storage_t *grave_next;
 };
 
 /* Operations a command buffer carries; offsets are from byte 0 of the
@@ -235,12 +264,27 @@ struct cm_device {
     atomic_uint_fast64_t alloc_count, free_count;
     atomic_uint_fast64_t memory_limit;
 
+    /* Allocated bytes of dead device-owned storages waiting for their
+     * removal's commit (memory.c; held to the limit with active_bytes). */
+    atomic_uint_fast64_t deferred_bytes;
+
     /* dev->lock guards residency, the trimmers and fault injection. */
     pthread_mutex_t lock;
     cm_shard_t shards[CM_MAX_RESIDENCY_SHARDS];
     unsigned nshards;
     uint64_t shard_cap;
     uint64_t rs_commit_count, rs_adds, rs_removes, keepalive_requests;
+    cm_member_t **members;            /* hash of cm_member_t by allocation */
+    size_t member_buckets, member_count;
+    /* Dead storages whose removal waits for its commit, oldest first, and
+     * the bytes of their allocations. */
+    cm_storage_t *grave_head, *grave_tail;
+    uint64_t grave_count, grave_bytes;
+    uint64_t release_threshold;
+    /* The first residency failure no caller could be told of, kept for
+     * the next commit (0: none). */
+    int rs_error;
+    char rs_error_msg[512];
     cm_trimmer_t *trimmers;           /* caches to trim, weak             */
     uint64_t fail_nth, fail_min;      /* fault injection                  */
 
@@ -256,12 +300,17 @@ struct cm_device {
      * receives them). */
     pthread_mutex_t submit_lock;
 
-    /* Keep-alive thread, guarded by ka_lock. */
-    pthread_mutex_t ka_lock;
-    pthread_cond_t ka_cond;
-    pthread_t ka_thread;
-    bool ka_started, ka_stop;
-    double ka_seconds, ka_interval, ka_last_submit;
+    /* The residency thread (keep-alive requests, idle release commits)
+     * and its settings, guarded by rt_lock. flush_at < 0: no commit due.
+     * rt_finish: the device's last reference died on the thread itself,
+     * which finishes the teardown (finish_teardown) when its loop ends. */
+    pthread_mutex_t rt_lock;
+    pthread_cond_t rt_cond;
+    pthread_t rt_thread;
+    bool rt_started, rt_stop, rt_finish;
+    double ka_seconds, ka_interval, ka_last_submit, ka_next_request;
+    double release_idle, flush_at;
+    void (*finish_teardown)(cm_device_t *dev);
 
     /* What the device's caches (its pools) hold, for cm_device_stats; the
      * caches keep these counts. */
@@ -300,14 +349,23 @@ int cm__fork_refuse(const cm_device_t *dev, const char *what);
  * the process that opened dev, or in a child when dev's backend said so. */
 bool cm__fork_may_free(const cm_device_t *dev);
 
-/* memory.c: a device's memory budget. */
-/* Reserve len bytes of active memory under the limit; false if they do
- * not fit. */
+/* memory.c: a device's memory budget, and giving back the memory of
+ * dead storages. */
+/* Reserve len bytes of active memory under the limit (which holds
+ * active_bytes + deferred_bytes); false if they do not fit. */
 bool cm__memory_reserve(cm_device_t *dev, uint64_t len);
 /* Count len bytes as active without holding them to the limit. */
 void cm__memory_add(cm_device_t *dev, uint64_t len);
 /* Give back len bytes reserved or added. */
 void cm__memory_release(cm_device_t *dev, uint64_t len);
+/* s died but its memory waits for its removal's commit: move its
+ * allocated bytes from active to deferred (device-owned kinds). */
+void cm__memory_defer(cm_device_t *dev, cm_storage_t *s);
+/* Give back the native object and memory of a dead storage, through the
+ * backend when it may free (cm__fork_may_free; else what releases the
+ * memory runs directly), update the statistics, and free the record.
+ * Runs outside code (an external owner's release): no lock held. */
+void cm__memory_give_back(cm_device_t *dev, cm_storage_t *s);
 /* True when fault injection says this allocation of len bytes fails;
  * every call counts as one allocation (dev->lock taken inside). */
 bool cm__memory_fault_fires(cm_device_t *dev, uint64_t len);
@@ -320,37 +378,72 @@ void cm__memory_remove_trimmer(cm_device_t *dev, cm_trimmer_t *t);
  * no lock held. */
 uint64_t cm__memory_trim(cm_device_t *dev);
 
-/* residency.c: each takes dev->lock but cm__residency_init, which runs
- * before the device is shared. */
-/* Set the shard cap a device starts with, from its info. */
+/* residency.c: membership per native allocation, shards, and the list of
+ * dead storages whose removal waits for its commit. Each takes dev->lock
+ * but cm__residency_init, which runs before the device is shared; those
+ * that give memory back do it after dropping every lock they took. */
+/* Set the shard cap and release policy a device starts with. */
 void cm__residency_init(cm_device_t *dev);
-/* Stage the residency add / remove of a storage. */
+/* Register a storage: its allocation joins the set (an add is staged)
+ * unless another storage registered it already. */
 int cm__residency_add(cm_device_t *dev, cm_storage_t *s);
-void cm__residency_remove(cm_device_t *dev, cm_storage_t *s);
+/* What cm__residency_remove did with a dying storage. */
+enum {
+    CM_REMOVAL_NONE,        /* nothing to wait for: give its memory back now */
+    CM_REMOVAL_DEFERRED,    /* s waits in the release list (not the caller's) */
+    CM_REMOVAL_FIRST,       /* ... and was the first: arm the idle timer      */
+    CM_REMOVAL_OVER,        /* ... and the list passed the threshold: flush   */
+};
+/* Unregister a dying storage; its allocation's removal is staged when it
+ * was the last storage of it, and then s goes to the release list. */
+int cm__residency_remove(cm_device_t *dev, cm_storage_t *s);
+/* Commit the pending shards and give back what their commits released;
+ * a failure is recorded for the next commit. Returns the allocated bytes
+ * given back. No lock held. */
+uint64_t cm__residency_flush_deferred(cm_device_t *dev);
+/* The same for the idle timer: only when the oldest waiting removal was
+ * staged idle seconds ago or more. Returns when the next one is due
+ * (monotonic seconds), or -1 when nothing waits. No lock held. */
+double cm__residency_flush_due(cm_device_t *dev, double idle);
+/* The flush of a submission, under its locks: commits the pending shards
+ * and detaches into *released what their commits released; the caller
+ * gives that back (cm__residency_give_back) once it holds no lock. */
+int cm__residency_flush_detach(cm_device_t *dev, cm_storage_t **released);
+void cm__residency_give_back(cm_device_t *dev, cm_storage_t *released);
 /* Fail with CM_ERR_RESIDENCY, giving the reason residency is off. */
 int cm__residency_off(cm_device_t *dev);
 /* Re-request residency of every shard (keep-alive). */
 void cm__residency_request(cm_device_t *dev);
-/* Destroy every shard; the device's last reference died. */
+/* Destroy every shard and give back every dead storage still waiting;
+ * the device's last reference died. */
 void cm__residency_close(cm_device_t *dev);
+/* Monotonic seconds. */
+double cm__now_seconds(void);
 
-/* keepalive.c */
+/* residency_thread.c */
 /* A command buffer was submitted: restart the keep-alive window. */
 void cm__keepalive_note_submit(cm_device_t *dev);
-/* Stop and join the keep-alive thread, if it runs. */
-void cm__keepalive_stop(cm_device_t *dev);
+/* The release list was empty and has an entry now: make sure the idle
+ * timer commits it (starting the thread if needed). */
+void cm__release_timer_arm(cm_device_t *dev);
+/* Stop and join the residency thread, if it runs. Returns false when
+ * called on that thread itself: it then finishes the device's teardown
+ * (dev->finish_teardown) when its loop ends, and the caller must not. */
+bool cm__residency_thread_stop(cm_device_t *dev);
 
 /* device.c */
 void cm__device_retain(cm_device_t *dev);
 
 /* storage.c */
 /* Create a storage of exactly len bytes through the backend, applying the
- * memory limit (trimming the device's caches and retrying once), fault
- * injection and statistics. Does not register residency. */
+ * memory limit (trimming the device's caches, committing the removals
+ * that hold memory back, and retrying once), fault injection and
+ * statistics. Does not register residency. */
 int cm__storage_new(cm_device_t *dev, uint64_t len, int kind, cm_storage_t **out);
-/* Free a storage whose refcount reached zero and that its owner does not
- * keep: stage its residency removal, free its memory, update statistics,
- * then drop the storage's reference on its owner. */
+/* End a storage whose refcount reached zero and that its owner does not
+ * keep: unregister it (staging its allocation's removal), give its memory
+ * back now or once that removal is committed, update statistics, then
+ * drop the storage's references on its owner and device. */
 void cm__storage_destroy(cm_storage_t *s);
 
 /* compute.c: fail unless kernel k accepts a launch of this grid and

@@ -1,16 +1,20 @@
 /*
- * memory.c -- a device's memory budget: the memory limit and the active
- * and peak byte counts held to it, the caches it trims when an allocation
- * would pass the limit, fault injection for allocations, and the default
- * limit a device starts with.
+ * memory.c -- a device's memory budget: the memory limit and the active,
+ * deferred and peak byte counts held to it (allocated bytes: whole pages),
+ * the caches it trims when an allocation would pass the limit, fault
+ * injection for allocations, the default limit a device starts with, and
+ * giving back the native object and memory of a dead storage.
  *
- * Owns dev->active_bytes, peak_bytes and memory_limit (atomics: the
- * allocation paths take no lock for them), and dev->trimmers and
- * dev->fail_nth / fail_min under dev->lock, which it takes for short
- * holds and drops before calling a cache's trim or release. Lock order:
- * LOCKING.md.
+ * Owns dev->active_bytes, deferred_bytes, peak_bytes and memory_limit
+ * (atomics: the allocation paths take no lock for them), and
+ * dev->trimmers and dev->fail_nth / fail_min under dev->lock, which it
+ * takes for short holds and drops before calling a cache's trim or
+ * release. Giving back runs with no lock held: an external owner's
+ * release is code from outside the core. Lock order: LOCKING.md.
  */
 #include "internal.h"
+
+#include <stdlib.h>
 
 static void note_peak(cm_device_t *dev, uint64_t now)
 {
@@ -21,13 +25,17 @@ static void note_peak(cm_device_t *dev, uint64_t now)
 }
 
 /* A compare-and-swap instead of check-then-add, so two threads cannot both
- * squeeze under the limit with the last free bytes. */
+ * squeeze under the limit with the last free bytes. Memory waiting for its
+ * removal's commit is still held, so it counts against the limit; a dying
+ * storage adds to deferred_bytes before it leaves active_bytes, so the sum
+ * read here is never short. */
 bool cm__memory_reserve(cm_device_t *dev, uint64_t len)
 {
     uint64_t limit = atomic_load(&dev->memory_limit);
     uint64_t cur = atomic_load(&dev->active_bytes);
     do {
-        if (cur > limit || len > limit - cur)
+        uint64_t held = cur + atomic_load(&dev->deferred_bytes);
+        if (held < cur || held > limit || len > limit - held)
             return false;
     } while (!atomic_compare_exchange_weak(&dev->active_bytes, &cur, cur + len));
     note_peak(dev, cur + len);
@@ -43,6 +51,44 @@ void cm__memory_add(cm_device_t *dev, uint64_t len)
 void cm__memory_release(cm_device_t *dev, uint64_t len)
 {
     atomic_fetch_sub(&dev->active_bytes, len);
+}
+
+static bool counted(const cm_storage_t *s)
+{
+    return s->kind != CM_STORAGE_EXTERNAL;
+}
+
+void cm__memory_defer(cm_device_t *dev, cm_storage_t *s)
+{
+    s->deferred = true;
+    if (!counted(s))
+        return;
+    atomic_fetch_add(&dev->deferred_bytes, s->allocated);
+    atomic_fetch_sub(&dev->active_bytes, s->allocated);
+}
+
+void cm__memory_give_back(cm_device_t *dev, cm_storage_t *s)
+{
+    bool backend_frees = cm__fork_may_free(dev);
+    bool release_here = s->ext_release != NULL;
+    if (s->kind == CM_STORAGE_DEVICE || s->kind == CM_STORAGE_POOLED) {
+        if (backend_frees)
+            dev->backend->buffer_free(dev->state, s->native, s->contents, s->alloc_len);
+        atomic_fetch_add(&dev->free_count, 1);
+    } else if (s->native != NULL && backend_frees) {
+        /* Wrapped memory goes back when the native object dies, from the
+         * backend (Metal may hold the buffer past this call); an adopted
+         * buffer's release runs once our reference is given back. In a
+         * child that may not free, the native object is never released,
+         * so the memory's release runs here instead. */
+        dev->backend->buffer_unwrap(dev->state, s->native);
+        release_here = release_here && !s->backend_releases;
+    }
+    if (release_here)
+        s->ext_release(s->ext_ctx);
+    if (counted(s))
+        atomic_fetch_sub(s->deferred ? &dev->deferred_bytes : &dev->active_bytes, s->allocated);
+    free(s);
 }
 
 void cm_device_reset_peak(cm_device_t *dev)

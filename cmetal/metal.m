@@ -111,10 +111,6 @@ typedef struct cm_metal_state {
     uint64_t order_value;
 } cm_metal_state_t;
 
-/* Not in internal.h yet (proposed): bytes Metal has allocated for this
- * device, for statistics. */
-uint64_t cm__metal_current_allocated_size(void *state);
-
 /* ------------------------------------------------------------------ */
 /* Small helpers                                                       */
 /* ------------------------------------------------------------------ */
@@ -188,10 +184,11 @@ static uint64_t round_to_pages(uint64_t n, uint64_t page)
 /* Residency sets (macOS 15)                                           */
 /* ------------------------------------------------------------------ */
 /* The primitives are called with the device's lock held, which matters:
- * residency-set methods are not thread-safe. The void primitives cannot
- * report an exception, so they swallow it; Metal is not known to raise
- * from them. Built with an SDK older than macOS 15 (no MTLResidencySet.h),
- * the backend still builds and runs with residency off. */
+ * residency-set methods are not thread-safe. An exception from the set
+ * becomes CM_ERR_RESIDENCY with Metal's reason; the core reports it to the
+ * caller, or records it for the next commit when there is none. Built
+ * with an SDK older than macOS 15 (no MTLResidencySet.h), the backend
+ * still builds and runs with residency off. */
 
 #if CM_METAL_RESIDENCY
 
@@ -286,56 +283,54 @@ static void metal_rset_destroy(void *state, void *rset)
     }
 }
 
-static void metal_rset_add(void *rset, cm_native_t native)
+/* Send one staging or commit message to a set; what Metal raises becomes
+ * a status. */
+typedef enum { RSET_ADD, RSET_REMOVE, RSET_COMMIT, RSET_REQUEST } rset_op_t;
+
+static int rset_send(void *rset, rset_op_t op, void *allocation)
 {
+    static const char *const names[] = {"addAllocation:", "removeAllocation:", "commit",
+                                         "requestResidency"};
     @autoreleasepool {
         if (CM_MACOS15_AVAILABLE) {
+            id<MTLResidencySet> set = (__bridge id<MTLResidencySet>)rset;
+            id<MTLAllocation> a = (__bridge id<MTLAllocation>)allocation;
             @try {
-                [(__bridge id<MTLResidencySet>)rset addAllocation:as_buffer(native)];
+                switch (op) {
+                case RSET_ADD: [set addAllocation:a]; break;
+                case RSET_REMOVE: [set removeAllocation:a]; break;
+                case RSET_COMMIT: [set commit]; break;
+                case RSET_REQUEST: [set requestResidency]; break;
+                }
+                return CM_OK;
             } @catch (NSException *e) {
-                (void)e;
+                return cm__fail(CM_ERR_RESIDENCY, "Metal raised %s in -[MTLResidencySet %s]",
+                                exception_text(e), names[op]);
             }
         }
+        return cm__fail(CM_ERR_RESIDENCY, "-[MTLResidencySet %s] needs macOS 15.0 or later",
+                        names[op]);
     }
 }
 
-static void metal_rset_remove(void *rset, cm_native_t native)
+static int metal_rset_add(void *rset, void *allocation)
 {
-    @autoreleasepool {
-        if (CM_MACOS15_AVAILABLE) {
-            @try {
-                [(__bridge id<MTLResidencySet>)rset removeAllocation:as_buffer(native)];
-            } @catch (NSException *e) {
-                (void)e;
-            }
-        }
-    }
+    return rset_send(rset, RSET_ADD, allocation);
 }
 
-static void metal_rset_commit(void *rset)
+static int metal_rset_remove(void *rset, void *allocation)
 {
-    @autoreleasepool {
-        if (CM_MACOS15_AVAILABLE) {
-            @try {
-                [(__bridge id<MTLResidencySet>)rset commit];
-            } @catch (NSException *e) {
-                (void)e;
-            }
-        }
-    }
+    return rset_send(rset, RSET_REMOVE, allocation);
 }
 
-static void metal_rset_request(void *rset)
+static int metal_rset_commit(void *rset)
 {
-    @autoreleasepool {
-        if (CM_MACOS15_AVAILABLE) {
-            @try {
-                [(__bridge id<MTLResidencySet>)rset requestResidency];
-            } @catch (NSException *e) {
-                (void)e;
-            }
-        }
-    }
+    return rset_send(rset, RSET_COMMIT, NULL);
+}
+
+static int metal_rset_request(void *rset)
+{
+    return rset_send(rset, RSET_REQUEST, NULL);
 }
 
 #else /* !CM_METAL_RESIDENCY */
@@ -364,26 +359,30 @@ static void metal_rset_destroy(void *state, void *rset)
     (void)rset;
 }
 
-static void metal_rset_add(void *rset, cm_native_t native)
+static int metal_rset_add(void *rset, void *allocation)
 {
     (void)rset;
-    (void)native;
+    (void)allocation;
+    return cm__fail(CM_ERR_RESIDENCY, "%s", CM_NO_RESIDENCY_SDK);
 }
 
-static void metal_rset_remove(void *rset, cm_native_t native)
+static int metal_rset_remove(void *rset, void *allocation)
 {
     (void)rset;
-    (void)native;
+    (void)allocation;
+    return cm__fail(CM_ERR_RESIDENCY, "%s", CM_NO_RESIDENCY_SDK);
 }
 
-static void metal_rset_commit(void *rset)
+static int metal_rset_commit(void *rset)
 {
     (void)rset;
+    return cm__fail(CM_ERR_RESIDENCY, "%s", CM_NO_RESIDENCY_SDK);
 }
 
-static void metal_rset_request(void *rset)
+static int metal_rset_request(void *rset)
 {
     (void)rset;
+    return cm__fail(CM_ERR_RESIDENCY, "%s", CM_NO_RESIDENCY_SDK);
 }
 
 #endif /* CM_METAL_RESIDENCY */
@@ -500,7 +499,7 @@ static void metal_close(void *state)
     free(st);
 }
 
-uint64_t cm__metal_current_allocated_size(void *state)
+static uint64_t metal_current_allocated_size(void *state)
 {
     cm_metal_state_t *st = state;
     if (!st)
@@ -519,13 +518,27 @@ uint64_t cm__metal_current_allocated_size(void *state)
 /* Buffers                                                             */
 /* ------------------------------------------------------------------ */
 
+/* What a buffer occupies: allocatedSize (whole pages of Metal's own
+ * granule, 16 KiB on Apple Silicon), or the bytes asked for if Metal
+ * raises reading it. */
+static uint64_t allocated_size(id<MTLBuffer> buf, uint64_t asked)
+{
+    @try {
+        uint64_t n = (uint64_t)buf.allocatedSize;
+        return n != 0 ? n : asked;
+    } @catch (NSException *e) {
+        (void)e;
+        return asked;
+    }
+}
+
 /* The fallback when Metal hands back memory that is not page-aligned
  * (the core promises page alignment and newBufferWithLength: does not):
  * anonymous mmap memory is page-aligned and zero-filled by the kernel, and
  * the buffer's deallocator unmaps it once Metal drops its last reference,
  * which can be after buffer_free if a command buffer still holds it. */
 static int alloc_mapped(cm_metal_state_t *st, uint64_t len, cm_native_t *native,
-                        uint8_t **contents)
+                        uint8_t **contents, uint64_t *allocated)
 {
     char a[64], b[64];
     uint64_t span = round_to_pages(len, st->page_size);
@@ -556,13 +569,14 @@ static int alloc_mapped(cm_metal_state_t *st, uint64_t len, cm_native_t *native,
                         "cannot allocate %s: newBufferWithBytesNoCopy returned nil",
                         cm__fmt_bytes(span, a, sizeof a));
     }
+    *allocated = allocated_size(buf, span);
     *native = (__bridge_retained void *)buf;
     *contents = p;
     return CM_OK;
 }
 
 static int metal_buffer_alloc(void *state, uint64_t len, cm_native_t *native,
-                              uint8_t **contents)
+                              uint8_t **contents, uint64_t *allocated)
 {
     cm_metal_state_t *st = state;
     char a[64], b[64], c[64];
@@ -588,13 +602,14 @@ static int metal_buffer_alloc(void *state, uint64_t len, cm_native_t *native,
                                 cm__fmt_bytes(want, a, sizeof a));
             if ((uintptr_t)p % st->page_size != 0) {
                 buf = nil;
-                return alloc_mapped(st, len, native, contents);
+                return alloc_mapped(st, len, native, contents, allocated);
             }
             /* Apple's current docs say newBufferWithLength: clears the
              * buffer, but MTLDevice.h promises nothing and older docs did
              * not say so; zero-filled allocations are a tested guarantee of
              * cm_storage_alloc, so pay one memset rather than trust it. */
             memset(p, 0, (size_t)want);
+            *allocated = allocated_size(buf, want);
             *native = (__bridge_retained void *)buf;
             *contents = p;
             return CM_OK;
@@ -615,7 +630,8 @@ static void metal_buffer_free(void *state, cm_native_t native, uint8_t *contents
     }
 }
 
-static int metal_buffer_wrap(void *state, void *ptr, uint64_t len, cm_native_t *native)
+static int metal_buffer_wrap(void *state, void *ptr, uint64_t len, void (*release)(void *ctx),
+                             void *ctx, cm_native_t *native, uint64_t *allocated)
 {
     cm_metal_state_t *st = state;
     char a[64], b[64];
@@ -635,28 +651,47 @@ static int metal_buffer_wrap(void *state, void *ptr, uint64_t len, cm_native_t *
                             "cannot wrap %s: device maximum buffer length is %s",
                             cm__fmt_bytes(len, a, sizeof a),
                             cm__fmt_bytes(st->max_buffer_length, b, sizeof b));
+        /* Metal may hold the buffer after we let go (a command buffer, a
+         * residency set), so the memory goes back from the deallocator,
+         * when the buffer really dies, on whatever thread drops it last.
+         * Whoever claims first decides: the deallocator, or the failure
+         * path below, which must leave the memory to the caller (Apple
+         * runs the deallocator when a buffer is deallocated, so a buffer
+         * never made should never call it; the claim makes sure). */
+        __block atomic_int claimed = 0;
+        id<MTLBuffer> buf = nil;
         @try {
-            /* nil deallocator: the core (or the caller behind it) owns the
-             * memory and frees it after buffer_unwrap. */
-            id<MTLBuffer> buf = [st_device(st) newBufferWithBytesNoCopy:ptr
-                                                                 length:(NSUInteger)span
-                                                                options:kSharedOptions
-                                                            deallocator:nil];
-            if (!buf)
-                return cm__fail(CM_ERR_UNSUPPORTED,
-                                "Metal refused to wrap %s at %p without copying "
-                                "(newBufferWithBytesNoCopy returned nil; the memory must come "
-                                "from mmap or vm_allocate)",
-                                cm__fmt_bytes(len, a, sizeof a), ptr);
-            *native = (__bridge_retained void *)buf;
-            return CM_OK;
+            buf = [st_device(st) newBufferWithBytesNoCopy:ptr
+                                                   length:(NSUInteger)span
+                                                  options:kSharedOptions
+                                              deallocator:^(void *p, NSUInteger n) {
+                                                  (void)p;
+                                                  (void)n;
+                                                  if (atomic_exchange(&claimed, 1) == 0 &&
+                                                      release != NULL)
+                                                      release(ctx);
+                                              }];
         } @catch (NSException *e) {
+            atomic_exchange(&claimed, 1);
             return cm__fail(CM_ERR_UNSUPPORTED, "Metal raised %s wrapping %s at %p",
                             exception_text(e), cm__fmt_bytes(len, a, sizeof a), ptr);
         }
+        if (!buf) {
+            atomic_exchange(&claimed, 1);
+            return cm__fail(CM_ERR_UNSUPPORTED,
+                            "Metal refused to wrap %s at %p without copying "
+                            "(newBufferWithBytesNoCopy returned nil; the memory must come "
+                            "from mmap or vm_allocate)",
+                            cm__fmt_bytes(len, a, sizeof a), ptr);
+        }
+        *allocated = allocated_size(buf, span);
+        *native = (__bridge_retained void *)buf;
+        return CM_OK;
     }
 }
 
+/* Our reference goes; the buffer dies (and a wrap's memory goes back)
+ * once Metal lets go too. */
 static void metal_buffer_unwrap(void *state, cm_native_t native)
 {
     (void)state;
@@ -677,7 +712,7 @@ static const char *storage_mode_name(MTLStorageMode mode)
 }
 
 static int metal_buffer_adopt(void *state, uint64_t handle, cm_native_t *native,
-                              uint8_t **contents, uint64_t *len)
+                              uint8_t **contents, uint64_t *len, uint64_t *allocated)
 {
     cm_metal_state_t *st = state;
     unsigned long long h = (unsigned long long)handle;
@@ -710,6 +745,7 @@ static int metal_buffer_adopt(void *state, uint64_t handle, cm_native_t *native,
                 return cm__fail(CM_ERR_UNSUPPORTED,
                                 "MTLBuffer 0x%llx has no CPU contents (length %lu)", h,
                                 (unsigned long)n);
+            *allocated = allocated_size(buf, (uint64_t)n);
             *native = (__bridge_retained void *)buf;
             *contents = p;
             *len = (uint64_t)n;
@@ -724,6 +760,30 @@ static int metal_buffer_adopt(void *state, uint64_t handle, cm_native_t *native,
 static uint64_t metal_native_handle(cm_native_t native)
 {
     return (uint64_t)(uintptr_t)native;
+}
+
+/* A buffer cut from a heap is resident only as the whole heap: the heap
+ * is the allocation a residency set holds (the buffer keeps it alive). */
+static void metal_allocation_of(void *state, cm_native_t native, uint64_t len,
+                                void **allocation, uint64_t *allocated)
+{
+    (void)state;
+    *allocation = native;
+    *allocated = len;
+    @autoreleasepool {
+        @try {
+            id<MTLBuffer> buf = as_buffer(native);
+            id<MTLHeap> heap = buf.heap;
+            if (heap) {
+                *allocation = (__bridge void *)heap;
+                *allocated = (uint64_t)heap.size;
+            } else {
+                *allocated = allocated_size(buf, len);
+            }
+        } @catch (NSException *e) {
+            (void)e; /* the buffer alone, at the size the core knows */
+        }
+    }
 }
 
 /* ------------------------------------------------------------------ */
@@ -1589,6 +1649,8 @@ const cm_backend_t cm_metal_backend = {
     .buffer_unwrap = metal_buffer_unwrap,
     .buffer_adopt = metal_buffer_adopt,
     .native_handle = metal_native_handle,
+    .allocation_of = metal_allocation_of,
+    .current_allocated_size = metal_current_allocated_size,
     .native_untracked = metal_native_untracked,
     .rset_create = metal_rset_create,
     .rset_destroy = metal_rset_destroy,

@@ -26,7 +26,11 @@
  *   and two live buffers never share bytes.
  * - Reuse is newest first within a class (warm in caches and TLBs);
  *   eviction is oldest first across classes, whenever the cached bytes
- *   would pass cache_limit (so they never do).
+ *   would pass cache_limit (so they never do). The cache is held to its
+ *   limit in allocated bytes, what its storages really occupy (a 64-byte
+ *   class takes a whole 16 KiB page on Apple Silicon); the statistics give
+ *   class bytes (free_bytes, in_use_bytes: what the classes promise) and
+ *   allocated bytes (free_allocated_bytes, in_use_allocated_bytes).
  * - Cached storages stay registered in the residency set: steady-state
  *   churn (alloc, drop, submit) stages nothing and costs no commit. They
  *   leave the set when evicted, cleared or trimmed.
@@ -76,8 +80,8 @@ struct cm_pool {
     cm_class_slot_t *slots;
     size_t slot_cap, slot_count;
     cm_storage_t *lru_oldest, *lru_newest;
-    uint64_t free_count, free_bytes;
-    uint64_t in_use_count, in_use_bytes, requested_bytes;
+    uint64_t free_count, free_bytes, free_allocated;
+    uint64_t in_use_count, in_use_bytes, in_use_allocated, requested_bytes;
     uint64_t hits, misses, evictions;
 };
 
@@ -230,7 +234,8 @@ static void cache_push_locked(cm_pool_t *pool, cm_class_slot_t *slot, cm_storage
 
     pool->free_count++;
     pool->free_bytes += s->byte_len;
-    atomic_fetch_add(&pool->dev->cached_bytes, s->byte_len);
+    pool->free_allocated += s->allocated;
+    atomic_fetch_add(&pool->dev->cached_bytes, s->allocated);
     atomic_fetch_add(&pool->dev->cached_storages, 1);
 }
 
@@ -256,7 +261,8 @@ static void cache_unlink_locked(cm_pool_t *pool, cm_class_slot_t *slot, cm_stora
     s->lru_prev = s->lru_next = NULL;
     pool->free_count--;
     pool->free_bytes -= s->byte_len;
-    atomic_fetch_sub(&pool->dev->cached_bytes, s->byte_len);
+    pool->free_allocated -= s->allocated;
+    atomic_fetch_sub(&pool->dev->cached_bytes, s->allocated);
     atomic_fetch_sub(&pool->dev->cached_storages, 1);
 }
 
@@ -266,11 +272,11 @@ static void cache_unlink_locked(cm_pool_t *pool, cm_class_slot_t *slot, cm_stora
 static cm_storage_t *cache_shrink_locked(cm_pool_t *pool, uint64_t limit, uint64_t *freed)
 {
     cm_storage_t *victims = NULL;
-    while (pool->free_bytes > limit && pool->lru_oldest != NULL) {
+    while (pool->free_allocated > limit && pool->lru_oldest != NULL) {
         cm_storage_t *s = pool->lru_oldest;
         cm_class_slot_t *slot = slot_find_locked(pool, s->byte_len);
         cache_unlink_locked(pool, slot, s);
-        *freed += s->byte_len;
+        *freed += s->allocated;
         s->lru_next = victims;
         victims = s;
     }
@@ -315,8 +321,9 @@ static bool pool_take_back(void *owner, cm_storage_t *s)
     pthread_mutex_lock(&pool->lock);
     pool->in_use_count--;
     pool->in_use_bytes -= s->byte_len;
+    pool->in_use_allocated -= s->allocated;
     pool->requested_bytes -= s->requested_len;
-    if (!pool->closed && s->byte_len <= pool->cache_limit) {
+    if (!pool->closed && s->allocated <= pool->cache_limit) {
         cm_class_slot_t *slot = slot_get_locked(pool, s->byte_len);
         if (slot != NULL) {
             cache_push_locked(pool, slot, s);
@@ -477,6 +484,7 @@ static int pool_alloc_class(cm_pool_t *pool, uint64_t n, uint64_t cls, int zero,
         pool->hits++;
         pool->in_use_count++;
         pool->in_use_bytes += cls;
+        pool->in_use_allocated += s->allocated;
         pool->requested_bytes += n;
         pthread_mutex_unlock(&pool->lock);
         /* Nobody else can reach a cached storage, so the count restarts. */
@@ -505,6 +513,7 @@ static int pool_alloc_class(cm_pool_t *pool, uint64_t n, uint64_t cls, int zero,
     pool->misses++;
     pool->in_use_count++;
     pool->in_use_bytes += cls;
+    pool->in_use_allocated += s->allocated;
     pool->requested_bytes += n;
     pthread_mutex_unlock(&pool->lock);
     fill_result(s, out);
@@ -572,8 +581,10 @@ int cm_pool_stats(cm_pool_t *pool, cm_pool_stats_t *out)
     pthread_mutex_lock(&pool->lock);
     out->free_count = pool->free_count;
     out->free_bytes = pool->free_bytes;
+    out->free_allocated_bytes = pool->free_allocated;
     out->in_use_count = pool->in_use_count;
     out->in_use_bytes = pool->in_use_bytes;
+    out->in_use_allocated_bytes = pool->in_use_allocated;
     out->requested_bytes = pool->requested_bytes;
     out->cache_limit = pool->cache_limit;
     out->hits = pool->hits;

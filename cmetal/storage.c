@@ -5,7 +5,7 @@
  * their owner, a pool, or freed with their residency removal staged).
  *
  * Owns the storage record and dev->live_storages / alloc_count /
- * free_count. Takes dev->lock to read storage->shard (cm_storage_info)
+ * free_count. Takes dev->lock to read storage->member (cm_storage_info)
  * and through memory.c and residency.c, and dev->cb_lock to wait for
  * in-flight writers. A storage is destroyed with no lock held. Lock order:
  * LOCKING.md.
@@ -29,10 +29,62 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+/* The bytes an allocation of len takes, as far as the device knows before
+ * asking the backend: whole pages. */
+static uint64_t page_guess(const cm_device_t *dev, uint64_t len)
+{
+    uint64_t page = dev->info.page_size;
+    return len > UINT64_MAX - (page - 1) ? len : (len + page - 1) / page * page;
+}
+
+/* Reserve and allocate len bytes, holding what the backend really took
+ * (*allocated) to the memory limit; *why says why not. */
+static int allocate_once(cm_device_t *dev, uint64_t len, cm_native_t *native,
+                         uint8_t **contents, uint64_t *allocated, char *why, size_t cap)
+{
+    char b1[64], b2[64], b3[64], b4[64];
+    uint64_t guess = page_guess(dev, len);
+    if (cm__memory_fault_fires(dev, len)) {
+        snprintf(why, cap, "injected failure (cm_device_debug_fail_alloc)");
+        return CM_ERR_OUT_OF_MEMORY;
+    }
+    if (!cm__memory_reserve(dev, guess)) {
+        snprintf(why, cap, "%s in use and %s waiting for a residency commit, the device "
+                 "memory limit is %s",
+                 BYTES(atomic_load(&dev->active_bytes), b1),
+                 BYTES(atomic_load(&dev->deferred_bytes), b2),
+                 BYTES(atomic_load(&dev->memory_limit), b3));
+        return CM_ERR_OUT_OF_MEMORY;
+    }
+    int rc = dev->backend->buffer_alloc(dev->state, len, native, contents, allocated);
+    if (rc != CM_OK) {
+        cm__memory_release(dev, guess);
+        snprintf(why, cap, "%s (%s in use)", cm_last_error(),
+                 BYTES(atomic_load(&dev->active_bytes), b1));
+        return rc;
+    }
+    if (*allocated <= guess) {
+        cm__memory_release(dev, guess - *allocated);
+        return CM_OK;
+    }
+    /* The backend took more than whole pages of the process (Metal's
+     * allocation granule can be coarser): the rest must fit too. */
+    if (cm__memory_reserve(dev, *allocated - guess))
+        return CM_OK;
+    dev->backend->buffer_free(dev->state, *native, *contents, len);
+    cm__memory_release(dev, guess);
+    snprintf(why, cap, "it takes %s, %s in use and %s waiting for a residency commit, the "
+             "device memory limit is %s",
+             BYTES(*allocated, b1), BYTES(atomic_load(&dev->active_bytes), b2),
+             BYTES(atomic_load(&dev->deferred_bytes), b3),
+             BYTES(atomic_load(&dev->memory_limit), b4));
+    return CM_ERR_OUT_OF_MEMORY;
+}
+
 int cm__storage_new(cm_device_t *dev, uint64_t len, int kind, cm_storage_t **out)
 {
     *out = NULL;
-    char b1[64], b2[64], b3[64];
+    char b1[64];
     int refused = cm__fork_refuse(dev, "allocate");
     if (refused != CM_OK)
         return refused;
@@ -44,27 +96,18 @@ int cm__storage_new(cm_device_t *dev, uint64_t len, int kind, cm_storage_t **out
     char why[1024];
     cm_native_t native = NULL;
     uint8_t *contents = NULL;
+    uint64_t allocated = 0;
     for (int attempt = 0;; attempt++) {
-        if (cm__memory_fault_fires(dev, len)) {
-            snprintf(why, sizeof why, "injected failure (cm_device_debug_fail_alloc)");
-        } else if (!cm__memory_reserve(dev, len)) {
-            snprintf(why, sizeof why, "%s in use, the device memory limit is %s",
-                     BYTES(atomic_load(&dev->active_bytes), b2),
-                     BYTES(atomic_load(&dev->memory_limit), b3));
-        } else {
-            int rc = dev->backend->buffer_alloc(dev->state, len, &native, &contents);
-            if (rc == CM_OK)
-                break;
-            cm__memory_release(dev, len);
-            snprintf(why, sizeof why, "%s (%s in use)", cm_last_error(),
-                     BYTES(atomic_load(&dev->active_bytes), b2));
-        }
-        /* The device's caches (pools) hold memory we can give back;
-         * retrying only makes sense when that freed something. */
-        if (attempt > 0 || cm__memory_trim(dev) == 0) {
+        if (allocate_once(dev, len, &native, &contents, &allocated, why, sizeof why) == CM_OK)
+            break;
+        /* The device's caches (pools) hold memory we can give back, and
+         * freed memory may wait for the residency commit that removes it
+         * (a trimmed cache's too); retrying only makes sense when that
+         * gave something back. */
+        if (attempt > 0 || cm__memory_trim(dev) + cm__residency_flush_deferred(dev) == 0) {
             free(s);
-            return cm__fail(CM_ERR_OUT_OF_MEMORY, "cannot allocate %s: %s",
-                            BYTES(len, b1), why);
+            return cm__fail(CM_ERR_OUT_OF_MEMORY, "cannot allocate %s: %s", BYTES(len, b1),
+                            why);
         }
     }
     atomic_init(&s->refcount, 1);
@@ -76,9 +119,9 @@ int cm__storage_new(cm_device_t *dev, uint64_t len, int kind, cm_storage_t **out
     s->contents = contents;
     s->byte_len = len;
     s->requested_len = len;
+    s->allocated = allocated;
     s->native = native;
     s->alloc_len = len;
-    s->shard = -1;
     atomic_fetch_add(&dev->alloc_count, 1);
     atomic_fetch_add(&dev->live_storages, 1);
     *out = s;
@@ -90,35 +133,22 @@ void cm__storage_destroy(cm_storage_t *s)
     cm_device_t *dev = s->dev;
     const cm_storage_owner_t *owner_hooks = s->owner_hooks;
     void *owner = s->owner;
-    bool backend_frees = cm__fork_may_free(dev);
-    cm__residency_remove(dev, s);
-    switch (s->kind) {
-    case CM_STORAGE_DEVICE:
-    case CM_STORAGE_POOLED:
-        if (backend_frees)
-            dev->backend->buffer_free(dev->state, s->native, s->contents, s->alloc_len);
-        cm__memory_release(dev, s->byte_len);
+    if (s->kind != CM_STORAGE_EXTERNAL)
         atomic_fetch_sub(&dev->live_storages, 1);
-        atomic_fetch_add(&dev->free_count, 1);
+    /* Once deferred, s belongs to the release list: not touched again. */
+    switch (cm__residency_remove(dev, s)) {
+    case CM_REMOVAL_NONE:
+        cm__memory_give_back(dev, s);
         break;
-    case CM_STORAGE_MAPPED:
-        if (s->native != NULL && backend_frees)
-            dev->backend->buffer_unwrap(dev->state, s->native);
-        munmap(s->map_base, (size_t)s->map_len);
-        cm__memory_release(dev, s->byte_len);
-        atomic_fetch_sub(&dev->live_storages, 1);
+    case CM_REMOVAL_FIRST:
+        cm__release_timer_arm(dev);
         break;
-    case CM_STORAGE_EXTERNAL:
+    case CM_REMOVAL_OVER:
+        cm__residency_flush_deferred(dev);
+        break;
     default:
-        /* Wrapped memory and adopted native buffers both hold one native
-         * reference that buffer_unwrap gives back. */
-        if (s->native != NULL && backend_frees)
-            dev->backend->buffer_unwrap(dev->state, s->native);
-        if (s->ext_release != NULL)
-            s->ext_release(s->ext_ctx);
         break;
     }
-    free(s);
     if (owner != NULL)
         owner_hooks->release(owner);
     cm_device_release(dev);
@@ -184,6 +214,7 @@ int cm_storage_info(cm_storage_t *s, cm_storage_info_t *out)
     out->contents = s->contents;
     out->byte_len = s->byte_len;
     out->requested_len = s->requested_len;
+    out->allocated_size = s->allocated;
     out->kind = s->kind;
     out->writable = s->writable;
     out->native_handle = s->native != NULL ? s->dev->backend->native_handle(s->native) : 0;
@@ -191,8 +222,8 @@ int cm_storage_info(cm_storage_t *s, cm_storage_info_t *out)
     out->refcount = atomic_load(&s->refcount);
     out->inflight_writers = atomic_load(&s->inflight_writers);
     pthread_mutex_lock(&s->dev->lock);
-    out->shard = s->shard;
-    out->resident = s->shard >= 0;
+    out->shard = s->member != NULL ? (int)s->member->shard : -1;
+    out->resident = s->member != NULL;
     pthread_mutex_unlock(&s->dev->lock);
     return CM_OK;
 }
@@ -229,8 +260,33 @@ static cm_storage_t *storage_record(cm_device_t *dev, int kind)
     atomic_init(&s->inflight_writers, 0);
     s->dev = dev;
     s->kind = kind;
-    s->shard = -1;
     return s;
+}
+
+/* A storage over memory the backend wraps: the record comes first, so that
+ * once the backend holds the release (which it runs when the native
+ * object dies) nothing can fail. On failure nothing was released. */
+static int wrap_memory(cm_device_t *dev, int kind, void *ptr, uint64_t len,
+                       void (*release)(void *ctx), void *ctx, cm_storage_t **out)
+{
+    cm_storage_t *s = storage_record(dev, kind);
+    if (s == NULL)
+        return cm__fail(CM_ERR_OUT_OF_MEMORY, "cannot allocate a storage record");
+    int rc = dev->backend->buffer_wrap(dev->state, ptr, len, release, ctx, &s->native,
+                                       &s->allocated);
+    if (rc != CM_OK) {
+        free(s);
+        return rc;
+    }
+    cm__device_retain(dev);
+    s->contents = ptr;
+    s->byte_len = len;
+    s->requested_len = len;
+    s->ext_release = release;
+    s->ext_ctx = ctx;
+    s->backend_releases = true;
+    *out = s;
+    return CM_OK;
 }
 
 int cm_storage_wrap_external(cm_device_t *dev, void *ptr, uint64_t byte_len,
@@ -254,23 +310,11 @@ int cm_storage_wrap_external(cm_device_t *dev, void *ptr, uint64_t byte_len,
                         "cannot wrap %s of external memory: injected failure "
                         "(cm_device_debug_fail_alloc)",
                         BYTES(byte_len, b1));
-    cm_native_t native = NULL;
-    rc = dev->backend->buffer_wrap(dev->state, ptr, byte_len, &native);
+    cm_storage_t *s;
+    rc = wrap_memory(dev, CM_STORAGE_EXTERNAL, ptr, byte_len, release, ctx, &s);
     if (rc != CM_OK)
         return rc;
-    cm_storage_t *s = storage_record(dev, CM_STORAGE_EXTERNAL);
-    if (s == NULL) {
-        dev->backend->buffer_unwrap(dev->state, native);
-        return cm__fail(CM_ERR_OUT_OF_MEMORY, "cannot allocate a storage record");
-    }
-    cm__device_retain(dev);
     s->writable = writable != 0;
-    s->contents = ptr;
-    s->byte_len = byte_len;
-    s->requested_len = byte_len;
-    s->native = native;
-    s->ext_release = release;
-    s->ext_ctx = ctx;
     fill_alloc_result(s, out);
     return CM_OK;
 }
@@ -287,8 +331,9 @@ int cm_storage_wrap_native(cm_device_t *dev, uint64_t native_handle, cm_alloc_re
         return rc;
     cm_native_t native = NULL;
     uint8_t *contents = NULL;
-    uint64_t len = 0;
-    rc = dev->backend->buffer_adopt(dev->state, native_handle, &native, &contents, &len);
+    uint64_t len = 0, allocated = 0;
+    rc = dev->backend->buffer_adopt(dev->state, native_handle, &native, &contents, &len,
+                                    &allocated);
     if (rc != CM_OK)
         return rc;
     if (cm__memory_fault_fires(dev, len)) {
@@ -309,9 +354,23 @@ int cm_storage_wrap_native(cm_device_t *dev, uint64_t native_handle, cm_alloc_re
     s->contents = contents;
     s->byte_len = len;
     s->requested_len = len;
+    s->allocated = allocated;
     s->native = native;
     fill_alloc_result(s, out);
     return CM_OK;
+}
+
+/* A file mapping's pages, given back when nothing may touch them. */
+typedef struct cm_region {
+    void *base;
+    size_t len;
+} cm_region_t;
+
+static void unmap_region(void *ctx)
+{
+    cm_region_t *r = ctx;
+    munmap(r->base, r->len);
+    free(r);
 }
 
 int cm_storage_map_file(cm_device_t *dev, int fd, uint64_t offset, uint64_t length,
@@ -364,37 +423,35 @@ int cm_storage_map_file(cm_device_t *dev, int fd, uint64_t offset, uint64_t leng
         return cm__fail(CM_ERR_OUT_OF_MEMORY,
                         "cannot map %s: injected failure (cm_device_debug_fail_alloc)",
                         BYTES(length, b1));
+    cm_region_t *region = malloc(sizeof *region);
+    if (region == NULL)
+        return cm__fail(CM_ERR_OUT_OF_MEMORY, "cannot allocate a mapping record");
     int prot = PROT_READ | (writable ? PROT_WRITE : 0);
     void *base = mmap(NULL, (size_t)map_len, prot, MAP_SHARED, fd, (off_t)aligned);
-    if (base == MAP_FAILED)
+    if (base == MAP_FAILED) {
+        int err = errno;
+        free(region);
         return cm__fail(CM_ERR_IO, "cannot map %s of file descriptor %d at offset %llu%s: %s",
                         BYTES(length, b1), fd, (unsigned long long)offset,
-                        writable ? " for writing" : "", strerror(errno));
-    cm_native_t native = NULL;
-    rc = dev->backend->buffer_wrap(dev->state, base, map_len, &native);
+                        writable ? " for writing" : "", strerror(err));
+    }
+    region->base = base;
+    region->len = (size_t)map_len;
+    cm_storage_t *s;
+    rc = wrap_memory(dev, CM_STORAGE_MAPPED, base, map_len, unmap_region, region, &s);
     if (rc != CM_OK) {
-        munmap(base, (size_t)map_len);
+        unmap_region(region);
         return rc;
     }
-    cm_storage_t *s = storage_record(dev, CM_STORAGE_MAPPED);
-    if (s == NULL) {
-        dev->backend->buffer_unwrap(dev->state, native);
-        munmap(base, (size_t)map_len);
-        return cm__fail(CM_ERR_OUT_OF_MEMORY, "cannot allocate a storage record");
-    }
-    cm__device_retain(dev);
     s->writable = writable != 0;
     s->contents = (uint8_t *)base + delta;
     s->byte_len = length;
     s->requested_len = length;
-    s->native = native;
     s->native_offset = delta;
-    s->map_base = base;
-    s->map_len = map_len;
     /* Mapped pages are file-backed, so the OS can drop them under
      * pressure: they count in active_bytes but are not held to the memory
      * limit. */
-    cm__memory_add(dev, length);
+    cm__memory_add(dev, s->allocated);
     atomic_fetch_add(&dev->live_storages, 1);
     rc = cm__residency_add(dev, s);
     if (rc != CM_OK) {

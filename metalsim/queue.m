@@ -501,23 +501,33 @@ static BOOL run_dispatch(MSimCommand *c, char *msg, size_t cap)
     MSIM_COUNT(command_buffers_completed, 1);
     if (_error)
         MSIM_COUNT(command_buffers_failed, 1);
-    /* The command buffer's hold on its resources ends here. */
+    /* The command buffer's hold on its resources ends here. The lists are
+     * unhooked under the lock and released after it: a buffer whose last
+     * reference they held dies then, and its deallocator (code of the
+     * buffer's creator) must not run under the simulator's lock, which
+     * Metal's own callers never hold. Fences and events point back at
+     * the passes that updated or signalled them: the pass's side of those
+     * links goes too, or each pair is a retain cycle that outlives the
+     * command buffer. */
+    MSimList *dying = [[MSimList alloc] init];
     msim__lock();
     MSimList *passes = _passes;
     _passes = [[MSimList alloc] init];
     for (NSUInteger i = 0; i < passes.count; i++) {
         MSimPass *p = [passes at:i];
-        /* Fences and events point back at the passes that updated or
-         * signalled them: drop the pass's side of those links, or each pair
-         * is a retain cycle that outlives the command buffer. */
-        [p.predecessors removeAll];
-        [p.commands removeAll];
-        [p.fenceUpdates removeAll];
-        [p.fenceWaits removeAll];
+        [dying add:p.predecessors];
+        [dying add:p.commands];
+        [dying add:p.fenceWaits];
+        [dying add:p.fenceUpdates];
+        p.predecessors = [[MSimList alloc] init];
+        p.commands = [[MSimList alloc] init];
+        p.fenceWaits = [[MSimList alloc] init];
+        p.fenceUpdates = [[MSimList alloc] init];
         p.event = nil;
     }
     _slotReleased = YES;
     msim__unlock();
+    dying = nil;
     passes = nil;
     [_queue msim_releaseSlot];
     msim__lock();

@@ -456,7 +456,8 @@ class Buffer:
 
     @property
     def byte_len(self) -> int:
-        """Length in bytes of the whole underlying allocation (a pool's size class for pooled buffers)."""
+        """Length in bytes of the whole underlying allocation (a pool's size class for pooled buffers);
+        ``allocated_size`` is what it occupies."""
         return self._layout[3]
 
     @property
@@ -487,6 +488,15 @@ class Buffer:
         if rs is not None and rs.contains(self):
             return rs
         return None
+
+    @property
+    def allocated_size(self) -> int:
+        """Bytes the whole underlying allocation occupies: ``byte_len`` rounded
+        up to whole pages by the backend (16 KiB on Apple Silicon, so a 64-byte
+        buffer occupies 16384), which is what ``Device.active_memory`` and the
+        memory limit count. For a file mapping, the pages mapped; for external
+        memory, the pages wrapped."""
+        return self._info().allocated_size
 
     @property
     def storage_kind(self) -> str:

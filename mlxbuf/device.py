@@ -41,8 +41,24 @@ _OOM = lib.CM_ERR_OUT_OF_MEMORY
 class DeviceStats:
     """A snapshot of a device's counters (bytes unless named otherwise).
 
-    ``active_bytes`` counts live device-owned storages, pool caches included
-    (``cached_bytes`` is that part); external storages are not counted.
+    Memory is counted in allocated bytes, what a storage really occupies:
+    whole pages (16 KiB on Apple Silicon, so a 64-byte buffer counts 16384),
+    not the bytes asked for (``Buffer.byte_len``).
+
+    - ``active_bytes``: live device-owned storages (allocations, pool
+      storages, file mappings), pool caches included (``cached_bytes`` is
+      that part); external storages are not counted.
+    - ``deferred_release_bytes``: freed device-owned storages whose memory
+      waits for the residency commit that removes them from the residency
+      set (see ``ResidencySet.set_release_policy``); not in
+      ``active_bytes``.
+    - ``memory_limit``: an allocation that would take ``active_bytes +
+      deferred_release_bytes`` above it fails (after pool caches are given
+      back and waiting removals committed).
+    - ``current_allocated_size``: what the backend says it holds for the
+      device (Metal's ``currentAllocatedSize``: every resource of the
+      MTLDevice, made by mlxbuf or not; host: its own allocations and wraps).
+
     An immutable value, safe to share between threads.
     """
 
@@ -51,7 +67,9 @@ class DeviceStats:
     live_storages: int
     cached_bytes: int
     cached_storages: int
+    deferred_release_bytes: int
     memory_limit: int
+    current_allocated_size: int
     alloc_count: int
     free_count: int
     submitted: int
@@ -77,14 +95,22 @@ def _parse_keepalive(text: str) -> tuple[float, float | None]:
     return seconds, interval
 
 
-def _parse_bytes_env(name: str, text: str) -> int:
+def _parse_bytes_env(name: str, text: str, minimum: int = 1) -> int:
     try:
         value = int(text.strip(), 0)
     except ValueError:
         raise InvalidArgument(f"{name}={text!r}: expected a byte count (an integer)") from None
-    if value <= 0:
-        raise InvalidArgument(f"{name}={text!r}: must be positive")
+    if value < minimum:
+        need = "must be positive" if minimum > 0 else "must not be negative"
+        raise InvalidArgument(f"{name}={text!r}: {need}")
     return value
+
+
+def _parse_seconds_env(name: str, text: str) -> float:
+    try:
+        return float(text.strip())
+    except ValueError:
+        raise InvalidArgument(f"{name}={text!r}: expected a number of seconds") from None
 
 
 def _float_arg(value: Any, what: str) -> float:
@@ -132,8 +158,11 @@ class Device:
     its own command queue, residency set and counters. ``"auto"`` honours
     ``MLXBUF_BACKEND``; ``"metal"`` raises DeviceNotFound where there is no
     Metal device. ``residency=False`` (or ``MLXBUF_NO_RESIDENCY=1``) opens it
-    with residency sets switched off. ``MLXBUF_RESIDENCY_SHARD_BYTES`` and
-    ``MLXBUF_RESIDENCY_KEEPALIVE=seconds[,interval]`` are applied at open.
+    with residency sets switched off. ``MLXBUF_RESIDENCY_SHARD_BYTES``,
+    ``MLXBUF_RESIDENCY_KEEPALIVE=seconds[,interval]``,
+    ``MLXBUF_RESIDENCY_RELEASE_BYTES`` and ``MLXBUF_RESIDENCY_RELEASE_SECONDS``
+    (the release policy, see ``ResidencySet.set_release_policy``) are
+    applied at open.
 
     A Device pickles as its backend name and unpickles as a newly opened
     Device of that backend; ``copy.copy`` and ``copy.deepcopy`` return the
@@ -201,6 +230,16 @@ class Device:
         if keepalive and self.residency_sets_enabled:
             seconds, interval = _parse_keepalive(keepalive)
             self.set_residency_keepalive(seconds, interval)
+        release_bytes = os.environ.get("MLXBUF_RESIDENCY_RELEASE_BYTES", "").strip()
+        release_seconds = os.environ.get("MLXBUF_RESIDENCY_RELEASE_SECONDS", "").strip()
+        if (release_bytes or release_seconds) and self.residency_sets_enabled:
+            rs: ResidencySet = self.residency_set  # type: ignore[assignment]
+            threshold, idle = rs.release_policy
+            if release_bytes:
+                threshold = _parse_bytes_env("MLXBUF_RESIDENCY_RELEASE_BYTES", release_bytes, minimum=0)
+            if release_seconds:
+                idle = _parse_seconds_env("MLXBUF_RESIDENCY_RELEASE_SECONDS", release_seconds)
+            rs.set_release_policy(threshold, idle)
 
     # ---- facts ----
 
@@ -281,7 +320,9 @@ class Device:
 
     @property
     def active_memory(self) -> int:
-        """Bytes in live storages of this device (pool caches included, external storages not)."""
+        """Allocated bytes of live storages of this device: whole pages, not the
+        bytes asked for (pool caches included, external storages not; freed
+        memory still held by the residency set is ``stats().deferred_release_bytes``)."""
         return self._stat("active_bytes")
 
     @property
@@ -295,7 +336,9 @@ class Device:
 
     @property
     def memory_limit(self) -> int:
-        """Allocations that would take active_memory above this many bytes fail."""
+        """Allocations that would take active_memory plus the freed memory
+        waiting for its residency commit (``stats().deferred_release_bytes``)
+        above this many bytes fail."""
         return self._stat("memory_limit")
 
     @memory_limit.setter

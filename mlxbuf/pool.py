@@ -40,17 +40,24 @@ def _position(request: object, requests: list[Any]) -> int:
 class PoolStats:
     """A snapshot of a pool's counters.
 
-    Three byte figures that users tend to confuse, kept apart:
-    ``in_use_bytes`` (size-class bytes of pooled storages alive outside the
-    cache), ``requested_bytes`` (what was asked for them, before rounding)
-    and ``free_bytes`` (size-class bytes idle in the cache).
+    Byte figures that users tend to confuse, kept apart:
+    ``requested_bytes`` (what was asked for the storages in use, before
+    rounding), ``in_use_bytes`` and ``free_bytes`` (size-class bytes, a
+    buffer's ``byte_len``, of pooled storages alive outside the cache and
+    idle in it), and ``in_use_allocated_bytes`` and
+    ``free_allocated_bytes`` (what those storages occupy: whole pages, so a
+    64-byte class takes 16 KiB on Apple Silicon). ``cache_limit`` bounds
+    ``free_allocated_bytes``, and the device's ``active_memory`` counts
+    allocated bytes too.
     An immutable value, safe to share between threads.
     """
 
     free_count: int
     free_bytes: int
+    free_allocated_bytes: int
     in_use_count: int
     in_use_bytes: int
+    in_use_allocated_bytes: int
     requested_bytes: int
     cache_limit: int
     hits: int
@@ -86,10 +93,11 @@ class BufferPool:
     - Cached storages stay registered in the device's residency set, so
       steady-state churn costs no residency commits; they leave it when
       evicted or cleared.
-    - The cache holds at most ``cache_limit`` bytes (None: a quarter of
-      the device's recommended working set, at most 1 GiB: thousands of
-      small scratch storages); beyond it the oldest cached storages, across
-      classes, are evicted first.
+    - The cache holds at most ``cache_limit`` allocated bytes (what its
+      storages occupy, whole pages; None: a quarter of the device's
+      recommended working set, at most 1 GiB: thousands of small scratch
+      storages); beyond it the oldest cached storages, across classes, are
+      evicted first.
     - When the device runs out of memory (or hits its memory limit) C
       frees every pool cache and retries; Python then collects garbage once
       and retries once before raising BufferAllocationError. A request
@@ -427,7 +435,7 @@ class BufferPool:
 
     @property
     def cache_limit(self) -> int:
-        """Most bytes the cache holds; setting it evicts oldest-first until the cache fits."""
+        """Most allocated bytes the cache holds (``PoolStats.free_allocated_bytes``); setting it evicts oldest-first until the cache fits."""
         return self.stats().cache_limit
 
     @cache_limit.setter

@@ -34,9 +34,14 @@ class ShardInfo:
 class ResidencyInfo:
     """A snapshot of a device's residency counters.
 
-    ``staged_adds``/``staged_removes`` count every add/remove staged since
-    the device opened; ``keepalive_requests`` the re-requests the keep-alive
-    thread made. An immutable value, safe to share between threads.
+    ``allocation_count`` and ``allocated_size`` count native allocations
+    (see ResidencySet) and their allocated bytes. ``staged_adds`` /
+    ``staged_removes`` count every add/remove staged since the device
+    opened; ``keepalive_requests`` the re-requests the keep-alive thread
+    made. ``pending_release_count`` / ``pending_release_bytes`` are the
+    freed buffers whose memory waits for the commit that removes them, and
+    ``release_threshold_bytes`` / ``release_idle_seconds`` the release
+    policy. An immutable value, safe to share between threads.
     """
 
     enabled: bool
@@ -52,6 +57,10 @@ class ResidencyInfo:
     keepalive_requests: int
     keepalive_seconds: float
     keepalive_interval: float
+    pending_release_count: int
+    pending_release_bytes: int
+    release_threshold_bytes: int
+    release_idle_seconds: float
 
 
 class ResidencySet:
@@ -62,6 +71,26 @@ class ResidencySet:
     commit per dirty shard, none when nothing is pending. Storages are
     spread over shards of a soft byte cap (``shard_cap``). The host backend
     keeps exactly the books Metal would.
+
+    Membership is per native allocation: an MTLBuffer, however many buffers
+    share it (the same MTLBuffer wrapped twice with ``Buffer.from_raw`` is
+    one member, removed when the last of them dies), or the MTLHeap a buffer
+    was cut from, which a residency set makes resident as a whole.
+    ``allocation_count`` counts those members and ``allocated_size`` their
+    allocated bytes (whole pages; a heap counts its full size, once).
+
+    The set holds a member until its removal is committed, so the memory of
+    a freed buffer is given back right after that commit (never while a
+    command buffer uses it). It comes no later than the first of: the next
+    submission, the moment the freed bytes waiting pass
+    ``release_threshold_bytes`` (default 64 MiB), and
+    ``release_idle_seconds`` (default 1 s) after the oldest of them was
+    freed, from a background thread that sleeps while nothing waits (see
+    ``set_release_policy``). A residency failure that no call could report
+    (a removal staged as a buffer died, a commit made by the threshold or
+    the timer) raises ResidencySetError from the next ``commit``,
+    ``flush_pending`` or ``CommandEncoder.commit``, which retries the work
+    (a command buffer is then not submitted: commit it again).
 
     A view: it holds the device, not a copy of its state, and every
     property reads the current counters. Safe to use from any thread.
@@ -111,7 +140,7 @@ class ResidencySet:
 
     @property
     def allocation_count(self) -> int:
-        """Allocations in the set, staged changes included."""
+        """Native allocations in the set (MTLBuffers and heaps), staged changes included."""
         return self._raw().allocation_count
 
     @property
@@ -121,7 +150,7 @@ class ResidencySet:
 
     @property
     def allocated_size(self) -> int:
-        """Bytes in the set, staged changes included."""
+        """Allocated bytes of the set's members (whole pages; a heap's full size), staged changes included."""
         return self._raw().allocated_size
 
     @property
@@ -200,6 +229,68 @@ class ResidencySet:
         """Same as Device.set_residency_keepalive."""
         self._device.set_residency_keepalive(seconds, interval)
 
+    @property
+    def pending_release_count(self) -> int:
+        """Freed buffers whose memory waits for the commit that removes them."""
+        return self._raw().pending_release_count
+
+    @property
+    def pending_release_bytes(self) -> int:
+        """Allocated bytes of the freed buffers waiting for their removal's commit."""
+        return self._raw().pending_release_bytes
+
+    @property
+    def release_policy(self) -> tuple[int, float]:
+        """``(threshold_bytes, idle_seconds)``: see ``set_release_policy``."""
+        out = self._raw()
+        return (out.release_threshold_bytes, out.release_idle_seconds)
+
+    def set_release_policy(self, threshold_bytes: SupportsIndex, idle_seconds: float) -> tuple[int, float]:
+        """Bound how long freed memory waits for the commit that removes it;
+        return the old ``(threshold_bytes, idle_seconds)``.
+
+        A freed buffer's removal is committed (and its memory given back) at
+        the next submission at the latest, and sooner once the bytes waiting
+        pass ``threshold_bytes`` (0: every removal is committed at once, the
+        Rust mlx-native crate's behaviour; 2**64 - 1: no size bound) or once
+        the oldest of them waited ``idle_seconds`` (0: no time bound; else
+        0.001 to 1e9). Defaults: 64 MiB and 1 s, or
+        ``MLXBUF_RESIDENCY_RELEASE_BYTES`` and
+        ``MLXBUF_RESIDENCY_RELEASE_SECONDS`` when set. Lowering either
+        applies at once.
+        """
+        from mlxbuf.buffer import _int_arg
+        from mlxbuf.device import _float_arg
+
+        threshold_bytes = _int_arg(threshold_bytes, "release threshold", minimum=0)
+        idle_seconds = _float_arg(idle_seconds, "release idle timeout")
+        old_threshold = ffi.new("uint64_t *")
+        old_idle = ffi.new("double *")
+        check(
+            lib.cm_residency_set_release_policy(
+                self._device._handle, threshold_bytes, idle_seconds, old_threshold, old_idle
+            )
+        )
+        return (old_threshold[0], old_idle[0])
+
+    @property
+    def release_threshold_bytes(self) -> int:
+        """Freed bytes waiting above which their removals are committed at once."""
+        return self._raw().release_threshold_bytes
+
+    @release_threshold_bytes.setter
+    def release_threshold_bytes(self, threshold_bytes: SupportsIndex) -> None:
+        self.set_release_policy(threshold_bytes, self._raw().release_idle_seconds)
+
+    @property
+    def release_idle_seconds(self) -> float:
+        """Seconds the oldest freed buffer waits before its removal is committed (0: no time bound)."""
+        return self._raw().release_idle_seconds
+
+    @release_idle_seconds.setter
+    def release_idle_seconds(self, idle_seconds: float) -> None:
+        self.set_release_policy(self._raw().release_threshold_bytes, idle_seconds)
+
     def commit(self) -> None:
         """Commit every shard now, pending or not."""
         check(lib.cm_residency_commit(self._device._handle))
@@ -211,7 +302,9 @@ class ResidencySet:
         return out[0] > 0
 
     def contains(self, buffer: Buffer) -> bool:
-        """Whether ``buffer``'s storage is in the set (staged view); False for another device's buffer."""
+        """Whether ``buffer``'s native allocation (its MTLBuffer, or the heap it
+        was cut from) is in the set, staged view: also when another buffer over
+        the same MTLBuffer registered it. False for another device's buffer."""
         from mlxbuf.buffer import Buffer
 
         if not isinstance(buffer, Buffer):

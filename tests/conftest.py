@@ -44,6 +44,15 @@ settings.load_profile(hypothesis_profile())
 # live buffers, pools and mappings on purpose (that is what they test): what
 # they leave behind at exit is not a leak, so LeakSanitizer is off in them.
 # ASan and UBSan stay on there, and this process keeps its own leak check.
+# Freed memory waits for the residency commit that removes it, which comes
+# at the next submission, past a size threshold, or after an idle timeout
+# (1 s by default). Timing must not decide what a test sees: a slow run
+# (sanitizers, valgrind, a busy machine) would cross 1 s between a drop and
+# the submission it is counted against, so the timer is set an hour off
+# here (the residency thread still starts, runs and stops in every test);
+# the tests of the timer set their own.
+os.environ.setdefault("MLXBUF_RESIDENCY_RELEASE_SECONDS", "3600")
+
 if os.environ.get("MLXBUF_SANITIZER_RUN") and "ASAN_OPTIONS" in os.environ:
     os.environ["ASAN_OPTIONS"] = os.environ["ASAN_OPTIONS"].replace("detect_leaks=1", "detect_leaks=0")
 

@@ -2,6 +2,7 @@
 
 import ctypes
 import gc
+import time
 import mmap
 import os
 import subprocess
@@ -23,6 +24,37 @@ def assert_names(excinfo, *fragments):
 def settle():
     """Collect garbage so dropped buffers in cycles release their storages."""
     gc.collect()
+
+
+def allocated_size_of(device, n):
+    """What an n-byte storage occupies on device: whole pages of its
+    backend's allocation granule (16 KiB on Apple Silicon)."""
+    return device.alloc_buffer(n, "u8", (1,)).allocated_size
+
+
+def release_deferred(device):
+    """Commit the residency removals that freed memory waits for, so it is
+    given back now (a no-op when residency is off: nothing waits then)."""
+    rs = device.residency_set
+    if rs is not None:
+        rs.flush_pending()
+        wait_until_released(device)
+
+
+def wait_until_released(device, timeout=30):
+    """Wait until no freed memory waits for its removal's commit or is being
+    given back. A commit made by another thread (the residency thread's idle
+    timer) unlists what it released at once but gives it back just after,
+    outside its locks, so the figures settle a moment later. A bounded wait:
+    it fails only if the memory never comes back."""
+    rs = device.residency_set
+    deadline = time.monotonic() + timeout
+    while rs.pending_release_count or device.stats().deferred_release_bytes:
+        assert time.monotonic() < deadline, (
+            f"{rs.pending_release_count} freed storages ({device.stats().deferred_release_bytes} bytes) "
+            f"still wait after {timeout} s"
+        )
+        time.sleep(0.002)
 
 
 def hypothesis_profile():

@@ -200,7 +200,7 @@ def test_to_returns_itself_on_its_device_and_copies_to_another(device, other_dev
     assert moved.numpy().tolist() == buf.numpy()[1:3].tolist()
     moved.numpy()[:] = 0
     assert buf.numpy()[1, 0] == 4
-    assert other_device.active_memory == 32
+    assert other_device.active_memory == moved.allocated_size >= 32
     with pytest.raises(mlxbuf.InvalidArgument, match="Device"):
         buf.to("host")
 

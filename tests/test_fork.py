@@ -1,7 +1,8 @@
 """os.fork() while mlxbuf threads run: the child starts with every lock free.
 
 Each test runs a script in a fresh interpreter (``-X dev``) that forks
-many times while the keep-alive thread, the queue worker and Python
+many times while the residency thread (keep-alive requests, and commits
+of freed memory every millisecond), the queue worker and Python
 threads churning allocations, commits and drops on the parent's device
 (through a pool and directly) are all active. Each child, under a
 watchdog that turns a hang into a traceback and a failed exit: opens a
@@ -139,13 +140,17 @@ def child():
 
     # Dropping what it inherited neither hangs nor caches: the plain
     # storage and the three pooled ones are freed (the encoder held two of
-    # them), then the pool's cache goes with the pool.
-    before = dev.stats()
+    # them), then the pool's cache goes with the pool. Nothing of it waits
+    # for a residency commit (none comes here: the set is the parent's),
+    # and what already waited at the fork stays as it was.
+    before, waiting = dev.stats(), dev.residency_set.pending_release_count
     del view, p, pending, plain, pooled
     gc.collect()
     after = dev.stats()
     assert after.live_storages == before.live_storages - 4, (before, after)
     assert after.cached_storages == before.cached_storages, (before, after)
+    assert after.deferred_release_bytes == before.deferred_release_bytes, (before, after)
+    assert dev.residency_set.pending_release_count == waiting
     pool.close()
     del pool, running, big, dev, a, b
     gc.collect()
@@ -211,6 +216,12 @@ assert dev.residency_set.keepalive_requests > 0
 running.wait()
 pending.discard()
 dev.synchronize()
+dev.residency_set.flush_pending()
+# The residency thread's idle commit may be giving memory back still.
+deadline = time.monotonic() + 60
+while dev.residency_set.pending_release_count or dev.stats().deferred_release_bytes:
+    assert time.monotonic() < deadline, "freed memory did not come back"
+    time.sleep(0.002)
 print("ok")
 """
 
@@ -223,6 +234,7 @@ def test_fork_while_threads_use_the_device(backend, where):
         f"BACKEND = {backend!r}\nROUNDS = {ROUNDS}\nFROM_THREAD = {where == 'thread'}\n" + SCRIPT,
         timeout=300,
         MLXBUF_RESIDENCY_KEEPALIVE="60,0.001",
+        MLXBUF_RESIDENCY_RELEASE_SECONDS="0.001",
     )
 
 

@@ -12,6 +12,7 @@
 Tests that need the simulator skip with that reason in other builds.
 """
 
+import ctypes
 import gc
 import os
 import pathlib
@@ -26,7 +27,7 @@ import pytest
 import mlxbuf
 from mlxbuf import metalsim
 from mlxbuf._cmetal import ffi, lib
-from support import assert_names, page_aligned_array
+from support import assert_names, page_aligned_array, page_aligned_ctypes, wait_until_released
 
 needs_sim = pytest.mark.skipif(
     not metalsim.available(), reason="needs a simulator build (MLXBUF_METAL_SIM=1 python3 -m pip install -e .)"
@@ -602,21 +603,96 @@ def test_metal_refusing_to_wrap_memory(sim, knob):
 
 @needs_sim
 @pytest.mark.metal_exception
-def test_exceptions_from_residency_sets_never_escape(sim):
-    """The residency primitives cannot report a failure (they return
-    nothing), so an exception from the set must at least stay inside."""
-    for selector in (b"addAllocation:", b"removeAllocation:", b"commit", b"requestResidency"):
-        dev = mlxbuf.Device("metal")
-        dev.set_residency_keepalive(0.5, 0.001)
-        lib.msim_raise_next(selector, 1)
-        buf = dev.alloc_buffer(4096, "u8", (4096,))
-        with dev.command_encoder() as enc:
-            enc.fill(buf, 1)
-        del buf
-        gc.collect()
-        dev.residency_set.flush_pending()
-        lib.msim_raise_next(selector, 0)
-        healthy(dev)
+def test_residency_set_exceptions_become_residency_set_errors(sim):
+    """What a residency set raises is a ResidencySetError naming Metal's
+    reason: at once when a call can report it (an add, an explicit commit,
+    a submission's commit), else (a removal staged by a dying buffer, a
+    commit by the threshold, a keep-alive request) from the next commit,
+    which first redoes the work: nothing stays half-registered."""
+    rs = sim.residency_set
+    rs.set_release_policy(1 << 40, 0)
+    base = metalsim.stats()["residency_members"]
+    keep = sim.alloc_buffer(4096, "u8", (4096,))
+    rs.flush_pending()
+
+    # An add: the allocation fails and leaves nothing behind.
+    active = sim.active_memory
+    lib.msim_raise_next(b"addAllocation:", 1)
+    with pytest.raises(mlxbuf.ResidencySetError) as exc:
+        sim.alloc_buffer(4096, "u8", (4096,))
+    assert_names(exc, "addAllocation:", "simulated exception")
+    assert sim.active_memory == active and rs.allocation_count == 1
+
+    # An explicit commit: the shard stays pending, the next commit applies it.
+    buf = sim.alloc_buffer(4096, "u8", (4096,))
+    lib.msim_raise_next(b"commit", 1)
+    with pytest.raises(mlxbuf.ResidencySetError) as exc:
+        rs.flush_pending()
+    assert_names(exc, "commit", "simulated exception")
+    assert rs.pending
+    assert rs.flush_pending() is True
+    assert metalsim.stats()["residency_members"] == base + 2
+
+    # A submission's commit: nothing is submitted; committing again works.
+    other = sim.alloc_buffer(4096, "u8", (4096,))
+    enc = sim.command_encoder()
+    enc.fill(other, 5)
+    lib.msim_raise_next(b"commit", 1)
+    with pytest.raises(mlxbuf.ResidencySetError):
+        enc.commit()
+    assert enc.status == "not_committed"
+    enc.commit_and_wait()
+    assert (other.numpy() == 5).all()
+    del other
+    rs.flush_pending()
+
+    # A removal: recorded; the next commit stages it again, commits, gives
+    # the memory back, and then reports it.
+    lib.msim_raise_next(b"removeAllocation:", 1)
+    del buf
+    assert rs.pending_release_count == 1 and rs.allocation_count == 2  # still a member
+    with pytest.raises(mlxbuf.ResidencySetError) as exc:
+        rs.flush_pending()
+    assert_names(exc, "removing a freed buffer", "failed earlier", "removeAllocation:")
+    assert rs.pending_release_count == 0 and rs.allocation_count == 1
+    assert metalsim.stats()["residency_members"] == base + 1
+    assert metalsim.stats()["residency_held_bytes"] == 0
+    assert rs.flush_pending() is False  # reported once
+
+    # A commit by the release threshold: recorded, retried, reported.
+    rs.release_threshold_bytes = 0
+    lib.msim_raise_next(b"commit", 1)
+    dead = sim.alloc_buffer(4096, "u8", (4096,))
+    del dead  # past the threshold: commits here, and Metal raises
+    assert rs.pending_release_count == 1
+    with pytest.raises(mlxbuf.ResidencySetError) as exc:
+        with sim.command_encoder() as enc:
+            enc.fill(keep, 1)
+    assert_names(exc, "residency commit made to release freed memory", "failed earlier")
+    assert rs.pending_release_count == 0 and not rs.pending
+    with sim.command_encoder() as enc:  # the failure was reported once
+        enc.fill(keep, 1)
+
+    # A keep-alive request: reported by the next commit. The submission
+    # comes first, so that the keep-alive thread requests as soon as it is
+    # switched on, and no submission races its failure.
+    sim.command_encoder().commit_and_wait()
+    raised = metalsim.stats()["exceptions_raised"]
+    lib.msim_raise_next(b"requestResidency", 1)
+    sim.set_residency_keepalive(30, 0.001)
+    deadline = time.monotonic() + 30
+    while metalsim.stats()["exceptions_raised"] == raised and time.monotonic() < deadline:
+        time.sleep(0.005)
+    sim.set_residency_keepalive(0)
+    with pytest.raises(mlxbuf.ResidencySetError) as exc:
+        rs.commit()
+    assert_names(exc, "keep-alive residency request", "requestResidency")
+    rs.commit()
+    lib.msim_reset_faults()
+    del keep
+    healthy(sim)
+
+    # At teardown nobody is left to tell: what Metal raises stays inside.
     for selector in (b"removeResidencySet:", b"endResidency", b"removeAllAllocations"):
         dev = mlxbuf.Device("metal")
         dev.alloc_buffer(64, "u8", (64,))
@@ -624,7 +700,191 @@ def test_exceptions_from_residency_sets_never_escape(sim):
         del dev  # device teardown destroys the sets
         gc.collect()
         lib.msim_raise_next(selector, 0)
-    assert metalsim.stats()["exceptions_raised"] >= 7
+
+
+# ---- deferred release, one membership per allocation, wrapped memory ---------------------
+
+
+@needs_sim
+def test_freed_memory_stays_held_only_until_the_idle_timeout(sim, tmp_path):
+    """A program frees a file mapping and a buffer and stops submitting: the
+    residency set lets go, and the memory goes back, after the idle timeout
+    (before deferred release they stayed held until a submission that never
+    came). A bounded wait: it fails only if that never happens."""
+    rs = sim.residency_set
+    rs.set_release_policy(1 << 40, 0.01)
+    path = tmp_path / "weights.bin"
+    path.write_bytes(bytes(1 << 20))
+    mapped = sim.map_file(path)
+    buf = sim.alloc_buffer(1 << 20, "u8", (1 << 20,))
+    rs.flush_pending()
+    before = metalsim.stats()
+    del mapped, buf
+    wait_until_released(sim)
+    after = metalsim.stats()
+    assert after["live_buffers"] == before["live_buffers"] - 2
+    assert after["residency_held_bytes"] == 0
+    assert after["residency_members"] == before["residency_members"] - 2
+    assert after["deallocators_run"] == before["deallocators_run"] + 1  # the mapping's
+    assert after["nocopy_unmapped_before_release"] == 0
+    with open("/proc/self/maps") as f:
+        assert str(path) not in f.read()
+
+
+@needs_sim
+def test_the_native_buffer_outlives_its_storage_until_the_removal_is_committed(sim):
+    """Whatever Metal does with a set's members, mlxbuf itself keeps a
+    freed storage's MTLBuffer until the commit that removes it."""
+    rs = sim.residency_set
+    rs.set_release_policy(1 << 40, 0)
+    buf = sim.alloc_buffer(1 << 16, "u8", (1,))
+    rs.flush_pending()
+    live = metalsim.stats()["live_buffers"]
+    frees = sim.stats().free_count
+    del buf
+    assert metalsim.stats()["live_buffers"] == live and sim.stats().free_count == frees
+    assert sim.stats().current_allocated_size >= 1 << 16
+    rs.flush_pending()
+    assert metalsim.stats()["live_buffers"] == live - 1 and sim.stats().free_count == frees + 1
+    assert metalsim.stats()["residency_held_bytes"] == 0
+
+
+@needs_sim
+def test_one_mtlbuffer_adopted_twice_is_one_member(sim, handles):
+    """Two storages over one MTLBuffer share one membership (the set ignores
+    a second add and one remove ends it): removing one must not evict the
+    other, and the set counts the MTLBuffer once."""
+    rs = sim.residency_set
+    pool = mlxbuf.BufferPool(sim)
+    handles.append(lib.msim_new_buffer(4096, 0, 0))
+    x = mlxbuf.Buffer.from_raw(sim, handles[-1])
+    y = mlxbuf.Buffer.from_raw(sim, handles[-1])
+    base = (rs.allocation_count, rs.allocated_size, metalsim.stats()["residency_members"])
+    pool.register_existing(x)
+    pool.register_existing(y)
+    assert rs.allocation_count == base[0] + 1 and rs.info().staged_adds == 1
+    assert rs.allocated_size == base[1] + x.allocated_size == base[1] + 16384
+    rs.flush_pending()
+    assert metalsim.stats()["residency_members"] == base[2] + 1
+    del x
+    gc.collect()
+    assert rs.contains(y) and rs.allocation_count == base[0] + 1
+    rs.flush_pending()
+    assert metalsim.stats()["residency_members"] == base[2] + 1  # still resident
+    z = mlxbuf.Buffer.from_raw(sim, handles[-1])  # not registered itself
+    assert rs.contains(z)  # its MTLBuffer is in the set
+    del y
+    gc.collect()
+    assert not rs.contains(z) and rs.allocation_count == base[0]
+    rs.flush_pending()
+    assert metalsim.stats()["residency_members"] == base[2]
+    del z
+
+
+@needs_sim
+def test_a_heap_buffer_makes_its_whole_heap_resident(sim, handles):
+    """A buffer cut from a heap is resident as the whole heap: the set's
+    member is the heap, counted at the heap's size, once however many
+    storages use it."""
+    rs = sim.residency_set
+    pool = mlxbuf.BufferPool(sim)
+    handles.append(lib.msim_new_buffer(4096, 0, 1 << 20))
+    x = mlxbuf.Buffer.from_raw(sim, handles[-1])
+    y = mlxbuf.Buffer.from_raw(sim, handles[-1])
+    count, size = rs.allocation_count, rs.allocated_size
+    pool.register_existing(x)
+    pool.register_existing(y)
+    assert rs.allocation_count == count + 1
+    assert rs.allocated_size == size + (1 << 20)
+    rs.flush_pending()
+    members = metalsim.stats()["residency_members"]
+    del x
+    gc.collect()
+    rs.flush_pending()
+    assert rs.contains(y) and metalsim.stats()["residency_members"] == members
+    del y
+    gc.collect()
+    rs.flush_pending()
+    assert rs.allocation_count == count and rs.allocated_size == size
+    assert metalsim.stats()["residency_members"] == members - 1
+
+
+@needs_sim
+def test_wrapped_memory_goes_back_when_the_mtlbuffer_dies(sim):
+    """External memory and file mappings are released from the MTLBuffer's
+    deallocator, exactly once: a command buffer that used the storage still
+    holds the buffer after the storage died, and the memory must outlive
+    that (before, mlxbuf released it right after dropping its own
+    reference, while Metal could still touch it)."""
+    released = []
+
+    class Owner:
+        def __init__(self, memory):
+            self.memory = memory
+
+        def __del__(self):
+            self.memory = None  # unmaps the memory
+            released.append(True)
+
+    before = metalsim.stats()
+    for _ in range(3):
+        memory = page_aligned_ctypes(1 << 16)
+        ext = mlxbuf.Buffer.from_raw(sim, ctypes.addressof(memory), 1 << 16, owner=Owner(memory))
+        del memory
+        enc = sim.command_encoder()
+        enc.fill(ext, 7)
+        del ext  # the command buffer holds the storage, Metal the MTLBuffer
+        enc.commit_and_wait()
+        lib.msim_drain()
+    # Whichever thread drops Metal's last reference runs the deallocator,
+    # possibly a moment after the command buffer completed (on Metal as
+    # in the simulator, whose GPU thread may hold one until its
+    # autorelease pool drains). A bounded wait: it fails only if the
+    # memory never goes back.
+    deadline = time.monotonic() + 30
+    while len(released) < 3 and time.monotonic() < deadline:
+        time.sleep(0.002)
+    after = metalsim.stats()
+    assert released == [True] * 3
+    assert after["deallocators_run"] - before["deallocators_run"] == 3
+    assert after["nocopy_unmapped_before_release"] == before["nocopy_unmapped_before_release"] == 0
+    assert after["live_buffers"] == before["live_buffers"]
+
+
+@needs_sim
+def test_small_allocations_count_whole_metal_pages(sim):
+    """Metal gives a 64-byte buffer a whole 16 KiB page (allocatedSize): the
+    device's figures and its memory limit count that, not the 64 bytes."""
+    before = sim.stats().current_allocated_size
+    buf = sim.alloc_buffer(64, "u8", (64,))
+    assert (buf.byte_len, buf.allocated_size) == (64, lib.MSIM_PAGE_SIZE)
+    assert sim.active_memory == lib.MSIM_PAGE_SIZE
+    assert sim.stats().current_allocated_size - before == lib.MSIM_PAGE_SIZE
+    assert sim.residency_set.allocated_size == lib.MSIM_PAGE_SIZE
+    # Room for two Metal pages and one page of the process: the third
+    # buffer fits what the process's page size predicts, not what Metal
+    # takes for it.
+    assert sim.page_size < lib.MSIM_PAGE_SIZE
+    limit = 2 * lib.MSIM_PAGE_SIZE + sim.page_size
+    sim.set_memory_limit(limit)
+    try:
+        second = sim.alloc_buffer(64, "u8", (64,))
+        with pytest.raises(mlxbuf.BufferAllocationError) as exc:
+            sim.alloc_buffer(64, "u8", (64,))
+        assert_names(exc, "64 bytes", "it takes 16384 bytes", "32768 bytes in use", f"limit is {limit} bytes")
+        assert sim.active_memory == 2 * lib.MSIM_PAGE_SIZE  # the refused one gave its page back
+    finally:
+        sim.set_memory_limit(None)
+    pool = mlxbuf.BufferPool(sim, cache_limit=2 * lib.MSIM_PAGE_SIZE)
+    small = [pool.alloc(64, "u8", (64,)) for _ in range(3)]
+    s = pool.stats()
+    assert (s.in_use_bytes, s.in_use_allocated_bytes) == (3 * 64, 3 * lib.MSIM_PAGE_SIZE)
+    del small
+    s = pool.stats()  # the cache holds what fits its limit in pages
+    assert (s.free_count, s.free_bytes, s.free_allocated_bytes, s.evictions) == (2, 128, 2 * lib.MSIM_PAGE_SIZE, 1)
+    assert sim.stats().cached_bytes == 2 * lib.MSIM_PAGE_SIZE
+    del buf, second
+    pool.close()
 
 
 @needs_sim

@@ -10,10 +10,11 @@ from hypothesis import strategies as st
 
 import mlxbuf
 from mlxbuf._cmetal import ffi, lib
-from support import assert_names, page_aligned_array, run_threads
+from support import allocated_size_of, assert_names, page_aligned_array, run_threads
 
 KIB = 1 << 10
 MIB = 1 << 20
+
 
 
 def counts(pool):
@@ -223,7 +224,8 @@ def test_alloc_batch_is_all_or_nothing(device, pool):
     # Nothing stays handed out; the 4 KiB storage made before the failure
     # is cached, not leaked.
     assert (s.in_use_count, s.in_use_bytes, s.requested_bytes) == (0, 0, 0)
-    assert device.active_memory == s.free_bytes == 4096
+    assert s.free_bytes == 4096
+    assert device.active_memory == s.free_allocated_bytes == allocated_size_of(device, 4096)
 
 
 def test_register_existing(device, pool):
@@ -272,25 +274,28 @@ def test_register_existing_refuses_another_devices_buffer(pool, other_device):
 
 
 def test_cache_limit_evicts_oldest_first(device):
-    pool = mlxbuf.BufferPool(device, cache_limit=3 * 4096)
-    assert pool.cache_limit == 3 * 4096
+    page = allocated_size_of(device, 4096)  # what a 4096-byte storage occupies
+    pool = mlxbuf.BufferPool(device, cache_limit=3 * page)
+    assert pool.cache_limit == 3 * page
     bufs = [pool.alloc(4096, "u8", (1,)) for _ in range(5)]
     addresses = [b.contents_ptr for b in bufs]
     for i in range(5):
         bufs[i] = None  # returned in order: 0 is the oldest in the cache
     s = pool.stats()
     assert s.free_count == 3 and s.free_bytes == 3 * 4096 and s.evictions == 2
+    assert s.free_allocated_bytes == 3 * page
     again = {pool.alloc(4096, "u8", (1,)).contents_ptr for _ in range(1)}
     assert again <= set(addresses[2:])
     pool.close()
 
 
 def test_lowering_the_cache_limit_evicts_now(device, pool):
+    page = allocated_size_of(device, 4096)
     bufs = [pool.alloc(4096, "u8", (1,)) for _ in range(6)]
     del bufs
     assert pool.free_count == 6
-    old = pool.set_cache_limit(2 * 4096)
-    assert old > 6 * 4096
+    old = pool.set_cache_limit(2 * page)
+    assert old > 6 * page
     assert pool.free_count == 2 and pool.stats().evictions == 4
     pool.cache_limit = 0
     assert pool.free_count == 0
@@ -376,7 +381,7 @@ def test_close_is_idempotent_and_buffers_outlive_it(device):
     pool.close()
     pool.close()
     assert pool.closed
-    assert device.active_memory == 4096
+    assert device.active_memory == live.allocated_size
     live.numpy()[:] = 1
     with pytest.raises(mlxbuf.InvalidArgument) as exc:
         pool.alloc(4096, "u8", (1,))

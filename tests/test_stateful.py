@@ -8,9 +8,11 @@ memoryviews, CPU writes and reads, drops, encoded copies and fills,
 commits, waits, discards, residency flushes and pool clears and closes.
 After every step the real device is compared with the model: the bytes of
 every storage, residency membership, shard placement, pending flags and
-commit counts, active memory and storage counts, pool counts, hits,
-misses and evictions, C reference counts, and that no two live storages
-overlap.
+commit counts, active memory (in allocated bytes) and storage counts, the
+freed storages whose memory waits for the residency commit that removes
+them (every flush gives back all of them: a waiting removal's shard is
+pending), pool counts, hits, misses and evictions, C reference counts,
+and that no two live storages overlap.
 
 One thing the model cannot know is when a committed command buffer
 completes (commit does not wait). A storage whose only references are
@@ -102,11 +104,12 @@ def size_class(n, page, max_len):
 class SModel:
     """One storage: what the device should hold for it."""
 
-    def __init__(self, sid, kind, pool, size, requested, ptr):
+    def __init__(self, sid, kind, pool, size, requested, ptr, alloc):
         self.sid = sid
         self.kind = kind  # "device" | "pooled"
         self.pool = pool  # PoolModel or None
         self.size = size  # byte_len (the class for pooled storages)
+        self.alloc = alloc  # allocated bytes: whole pages
         self.requested = requested
         self.ptr = ptr
         self.data = bytearray(size)
@@ -127,6 +130,9 @@ class PoolModel:
 
     def free_bytes(self):
         return sum(s.size for s in self.lru)
+
+    def free_allocated(self):
+        return sum(s.alloc for s in self.lru)
 
 
 class ShardModel:
@@ -214,6 +220,12 @@ class BufferMachine(RuleBasedStateMachine):
         self.inflight = []  # committed, not known complete, in submission order
         self.next_id = 0
         self.active = self.live = self.allocs = self.frees = 0
+        # Freed storages whose memory waits for a residency commit; those
+        # freed by a command buffer's completion may have died (and been
+        # given back by a flush) before the model learnt of it.
+        self.waiting = []
+        self.waiting_uncertain = []
+        self.completing = False
         self.submitted = self.completed = 0
         self.shards = []
         self.commit_total = 0
@@ -293,7 +305,7 @@ class BufferMachine(RuleBasedStateMachine):
     def _res_add(self, s, buf):
         """Stage the add of a new storage; the real shard is checked (or, when
         orphans could have freed shard bytes, adopted)."""
-        idx = self._pick_shard(s.size)
+        idx = self._pick_shard(s.alloc)
         real = _info(buf).shard
         if real != idx:
             assert self._uncertain(), f"storage placed in shard {real}, model says {idx}"
@@ -306,7 +318,7 @@ class BufferMachine(RuleBasedStateMachine):
             self.shards.append(ShardModel())
         sh = self.shards[idx]
         sh.count += 1
-        sh.bytes += s.size
+        sh.bytes += s.alloc
         sh.pending = True
         s.shard = idx
 
@@ -314,7 +326,7 @@ class BufferMachine(RuleBasedStateMachine):
         if s.shard is not None:
             sh = self.shards[s.shard]
             sh.count -= 1
-            sh.bytes -= s.size
+            sh.bytes -= s.alloc
             sh.pending = True
             s.shard = None
 
@@ -332,8 +344,15 @@ class BufferMachine(RuleBasedStateMachine):
             event("residency commit raced with an orphan")
             self.tainted, self.taint_lo, self.taint_hi = True, self.commit_total, self.commit_total
 
+    def _give_back_waiting(self):
+        """A flush commits every shard a waiting removal was staged in: all
+        the freed memory waiting goes back."""
+        self.frees += len(self.waiting) + len(self.waiting_uncertain)
+        self.waiting, self.waiting_uncertain = [], []
+
     def _flush(self):
         """A residency flush as the device does it; returns the model's commit count."""
+        self._give_back_waiting()
         self._taint()
         if self.tainted:
             self.taint_hi += len(self.shards)  # anything from none to every shard
@@ -345,6 +364,7 @@ class BufferMachine(RuleBasedStateMachine):
         return n
 
     def _commit_all(self):
+        self._give_back_waiting()
         self._taint()
         if not self.shards:
             self.shards.append(ShardModel())
@@ -355,11 +375,13 @@ class BufferMachine(RuleBasedStateMachine):
             self.taint_hi += len(self.shards)
 
     def _new_storage(self, kind, pool, size, requested, buf):
-        s = SModel(self._id(), kind, pool, size, requested, buf.contents_ptr)
+        alloc = buf.allocated_size
+        assert alloc >= size and alloc % self.page == 0, f"{size} bytes allocated as {alloc}"
+        s = SModel(self._id(), kind, pool, size, requested, buf.contents_ptr, alloc)
         assert s.ptr % self.page == 0, f"storage at 0x{s.ptr:x} is not page-aligned"
         self._assert_no_overlap(s)
         self.storages[s.sid] = s
-        self.active += size
+        self.active += alloc
         self.live += 1
         self.allocs += 1
         self._res_add(s, buf)
@@ -377,9 +399,9 @@ class BufferMachine(RuleBasedStateMachine):
     def _free(self, s):
         self._res_remove(s)
         s.state = "freed"
-        self.active -= s.size
+        self.active -= s.alloc
         self.live -= 1
-        self.frees += 1
+        (self.waiting_uncertain if self.completing else self.waiting).append(s)
         del self.storages[s.sid]
 
     def _die(self, s):
@@ -387,10 +409,10 @@ class BufferMachine(RuleBasedStateMachine):
         pm = s.pool
         if pm is not None:
             pm.in_use.discard(s.sid)
-            if not pm.closed and s.size <= pm.limit:
+            if not pm.closed and s.alloc <= pm.limit:
                 pm.lru.append(s)
                 s.state = "cached"
-                while pm.free_bytes() > pm.limit:
+                while pm.free_allocated() > pm.limit:
                     victim = pm.lru.pop(0)
                     pm.evictions += 1
                     event("pool eviction")
@@ -414,7 +436,11 @@ class BufferMachine(RuleBasedStateMachine):
         """Command buffers complete in submission order: everything up to e."""
         while self.inflight:
             first = self.inflight.pop(0)
-            self._release_holds(first)
+            self.completing = True
+            try:
+                self._release_holds(first)
+            finally:
+                self.completing = False
             first.state = "done"
             self.completed += 1
             if first is e:
@@ -976,16 +1002,29 @@ class BufferMachine(RuleBasedStateMachine):
         assert st_.alloc_count == self.allocs
         assert st_.submitted == self.submitted
         cached = [s for s in self.storages.values() if s.state == "cached"]
+        info = self.rs.info()
+        waiting = self.waiting + self.waiting_uncertain
         if not orphans:
             assert st_.active_bytes == self.active, "active memory differs from the model"
             assert st_.live_storages == self.live
-            assert st_.free_count == self.frees
-            assert st_.cached_bytes == sum(s.size for s in cached)
+            assert st_.cached_bytes == sum(s.alloc for s in cached)
             assert st_.cached_storages == len(cached)
         else:
-            slack = sum(s.size for s in uncertain)
+            slack = sum(s.alloc for s in uncertain)
             assert self.active - slack <= st_.active_bytes <= self.active
             assert self.live - len(uncertain) <= st_.live_storages <= self.live
+        # Frees the model knows of only late (orphans, and what their death
+        # freed) may have been given back already by a flush in between.
+        late = len(self.waiting_uncertain) + len(uncertain)
+        if not late:
+            assert st_.free_count == self.frees, "given back: the model differs"
+            assert info.pending_release_count == len(waiting), "waiting for a commit: the model differs"
+            assert st_.deferred_release_bytes == info.pending_release_bytes == sum(s.alloc for s in waiting)
+            assert st_.free_count + info.pending_release_count + st_.live_storages == self.allocs
+        else:
+            # Read apart while orphans die: each count within its bounds.
+            assert self.frees <= st_.free_count <= self.frees + late
+            assert len(self.waiting) <= info.pending_release_count <= len(waiting) + len(uncertain)
         if not self.inflight:
             assert st_.completed == self.completed
         assert st_.peak_bytes >= st_.active_bytes
@@ -1026,10 +1065,12 @@ class BufferMachine(RuleBasedStateMachine):
             s = pm.pool.stats()
             in_use = [self.storages[sid] for sid in pm.in_use]
             assert (s.free_count, s.free_bytes) == (len(pm.lru), pm.free_bytes())
+            assert s.free_allocated_bytes == pm.free_allocated()
             assert (s.in_use_count, s.in_use_bytes) == (len(in_use), sum(x.size for x in in_use))
+            assert s.in_use_allocated_bytes == sum(x.alloc for x in in_use)
             assert s.requested_bytes == sum(x.requested for x in in_use)
             assert (s.hits, s.misses, s.evictions) == (pm.hits, pm.misses, pm.evictions)
-            assert s.free_bytes <= s.cache_limit == pm.limit
+            assert s.free_allocated_bytes <= s.cache_limit == pm.limit
 
     @invariant()
     def storages_match_model(self):
@@ -1051,6 +1092,7 @@ class BufferMachine(RuleBasedStateMachine):
             seen.add(s.sid)
             info = _info(h.obj)
             assert info.byte_len == s.size and info.requested_len == s.requested
+            assert info.allocated_size == s.alloc
             assert info.kind == (lib.CM_STORAGE_POOLED if s.kind == "pooled" else lib.CM_STORAGE_DEVICE)
             assert info.resident == 1 and info.shard == s.shard
             assert self.rs.contains(h.obj)
@@ -1089,7 +1131,10 @@ class BufferMachine(RuleBasedStateMachine):
         stats = self.dev.stats()
         assert stats.active_bytes == 0 and stats.live_storages == 0 and stats.cached_storages == 0
         assert self.rs.allocation_count == 0 and self.rs.allocated_size == 0
-        assert stats.alloc_count == stats.free_count
+        assert stats.alloc_count == stats.free_count + self.rs.pending_release_count
+        self.rs.flush_pending()  # what the residency sets held goes back
+        stats = self.dev.stats()
+        assert stats.alloc_count == stats.free_count and stats.deferred_release_bytes == 0
         assert stats.submitted == stats.completed
 
 

@@ -101,8 +101,11 @@ static void test_alloc_zero_align(void)
         CHECK(((uintptr_t)r[i].contents % info.page_size) == 0);
         CHECK(all_bytes(r[i].contents, sizes[i], 0));
         memset(r[i].contents, 0xAB, sizes[i]);
-        total += sizes[i];
         cm_storage_info_t si = sinfo(r[i].storage);
+        /* Counted in allocated bytes: whole pages. */
+        CHECK_EQ_U(si.allocated_size, (sizes[i] + info.page_size - 1) / info.page_size * info.page_size);
+        CHECK_EQ_U(si.requested_len, sizes[i]);
+        total += si.allocated_size;
         CHECK(si.kind == CM_STORAGE_DEVICE);
         CHECK(si.resident == 1 && si.shard == 0);
         CHECK(si.writable == 1 && si.refcount == 1 && si.native_handle == 0);
@@ -113,10 +116,19 @@ static void test_alloc_zero_align(void)
     CHECK_EQ_U(st.peak_bytes, total);
     CHECK_EQ_U(st.live_storages, 7);
     CHECK_EQ_U(st.alloc_count, 7);
+    CHECK_EQ_U(st.current_allocated_size, total);
     for (int i = 0; i < 7; i++)
         cm_storage_release(r[i].storage);
+    /* Dead, but the residency set holds them until a commit removes them. */
     st = stats(dev);
     CHECK_EQ_U(st.active_bytes, 0);
+    CHECK_EQ_U(st.deferred_release_bytes, total);
+    CHECK_EQ_U(st.free_count, 0);
+    CHECK_EQ_U(st.current_allocated_size, total);
+    CHECK_OK(cm_residency_flush(dev, NULL));
+    st = stats(dev);
+    CHECK_EQ_U(st.deferred_release_bytes, 0);
+    CHECK_EQ_U(st.current_allocated_size, 0);
     CHECK_EQ_U(st.peak_bytes, total);
     CHECK_EQ_U(st.free_count, 7);
     CHECK_EQ_U(st.live_storages, 0);
@@ -623,9 +635,9 @@ static void test_pool_basics(void)
     /* Device stats see the cache. */
     cm_device_stats_t st = stats(dev);
     ps = pstats(pool);
-    CHECK_EQ_U(st.cached_bytes, ps.free_bytes);
+    CHECK_EQ_U(st.cached_bytes, ps.free_allocated_bytes);
     CHECK_EQ_U(st.cached_storages, ps.free_count);
-    CHECK_EQ_U(st.active_bytes, ps.free_bytes);
+    CHECK_EQ_U(st.active_bytes, ps.free_allocated_bytes);
 
     /* Bad requests leave the counts unchanged. */
     cm_pool_stats_t before = pstats(pool);
@@ -822,7 +834,10 @@ static void test_memory_limit_and_faults(void)
     cm_storage_release(b.storage);
     CHECK_OK(cm_device_set_memory_limit(dev, old, NULL));
 
-    /* Fault injection: the next allocation fails... */
+    /* Fault injection: the next allocation fails (and is not retried:
+     * nothing waits for a residency commit that could give memory
+     * back)... */
+    CHECK_OK(cm_residency_flush(dev, NULL));
     CHECK_OK(cm_device_debug_fail_alloc(dev, 1, 0));
     CHECK(cm_storage_alloc(dev, 4096, &a) == CM_ERR_OUT_OF_MEMORY);
     CHECK_MSG("injected");
@@ -830,6 +845,7 @@ static void test_memory_limit_and_faults(void)
     CHECK_OK(cm_storage_alloc(dev, 4096, &a)); /* ...only that one */
     cm_storage_release(a.storage);
     /* ...the second from now. */
+    CHECK_OK(cm_residency_flush(dev, NULL));
     CHECK_OK(cm_device_debug_fail_alloc(dev, 2, 0));
     CHECK_OK(cm_storage_alloc(dev, 4096, &a));
     CHECK(cm_storage_alloc(dev, 4096, &b) == CM_ERR_OUT_OF_MEMORY);
@@ -869,6 +885,7 @@ static void test_memory_limit_and_faults(void)
     }
     CHECK_OK(cm_device_debug_fail_alloc(dev, 0, 0));
     cm_pool_release(pool);
+    CHECK_OK(cm_residency_flush(dev, NULL));
     cm_device_stats_t st = stats(dev);
     CHECK_EQ_U(st.active_bytes, 0);
     CHECK_EQ_U(st.live_storages, 0);
@@ -947,7 +964,8 @@ static void test_external_and_mapped(void)
     si = sinfo(m.storage);
     CHECK(si.kind == CM_STORAGE_MAPPED && si.resident == 1);
     CHECK_EQ_U(si.native_offset, 100);
-    CHECK_EQ_U(stats(dev).active_bytes, 5000);
+    /* The pages mapped: from the page holding byte off to the one holding its last. */
+    CHECK_EQ_U(stats(dev).active_bytes, (100 + 5000 + info.page_size - 1) / info.page_size * info.page_size);
     cm_alloc_result_t m2;
     CHECK_OK(cm_storage_map_file(dev, fd, 7, 0, 1, &m2)); /* to the end, writable */
     CHECK_EQ_U(m2.byte_len, FSIZE - 7);
@@ -1091,9 +1109,9 @@ static void test_threads(void)
     CHECK_OK(cm_device_synchronize(dev));
     cm_pool_stats_t ps = pstats(pool);
     CHECK_EQ_U(ps.in_use_count, 0);
-    CHECK(ps.free_bytes <= ps.cache_limit);
+    CHECK(ps.free_allocated_bytes <= ps.cache_limit);
     cm_device_stats_t st = stats(dev);
-    CHECK_EQ_U(st.active_bytes, ps.free_bytes);
+    CHECK_EQ_U(st.active_bytes, ps.free_allocated_bytes);
     CHECK_EQ_U(st.submitted, st.completed);
     cm_residency_info_t ri = rinfo(dev);
     CHECK_EQ_U(ri.allocation_count, ps.free_count);

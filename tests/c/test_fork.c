@@ -342,7 +342,7 @@ static void test_fork_while_each_device_lock_is_held(void)
         {"submit_lock", offsetof(cm_device_t, submit_lock)},
         {"lock", offsetof(cm_device_t, lock)},
         {"cb_lock", offsetof(cm_device_t, cb_lock)},
-        {"ka_lock", offsetof(cm_device_t, ka_lock)},
+        {"rt_lock", offsetof(cm_device_t, rt_lock)},
     };
     for (size_t i = 0; i < sizeof locks / sizeof locks[0]; i++) {
         world_t w;
