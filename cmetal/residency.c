@@ -29,6 +29,10 @@
  * removal that failed is owed (its storage keeps its member) and staged
  * again before the next commit.
  *
+ * Near 700 lines on purpose: staging, membership and deferred release are
+ * three views of one commit (what it adds, what it removes, what it gives
+ * back) under one lock; apart, each file would hold half of that commit.
+ *
  * Owns dev->shards, nshards, shard_cap, the members, the release list,
  * the residency counters and error, and storage->member, all under
  * dev->lock, which every function here takes (and calls the backend's
